@@ -1,0 +1,1 @@
+"""Evaluation: exact oracles, sampler benchmarks, plots. Calls samplers; never trains."""

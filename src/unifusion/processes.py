@@ -1,0 +1,250 @@
+"""Noise processes x_t = s(t) * (x_0 + sigma(t) * n)  (EDM, Karras et al. 2022, Table 1).
+
+A process is only bookkeeping between its own time t and the noise level sigma: s(t), sigma(t),
+their t-derivatives, and t(sigma). Samplers work in the sigma-domain x = x_t / s(t) and never
+see a process; a process contributes grids (see samplers/grids.py) and the network's inputs
+(see parametrizations.Denoiser).
+
+All methods take and return tensors (float64 recommended for t close to the ends).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Process:
+    """Base class. Subclasses set t_min/t_max and implement s, sigma, ds, dsigma and t."""
+
+    name = "process"
+    t_min = 0.0
+    t_max = 1.0
+
+    def s(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def ds(self, t: Tensor) -> Tensor:
+        """ds/dt."""
+        raise NotImplementedError
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        """dsigma/dt."""
+        raise NotImplementedError
+
+    def t(self, sigma: Tensor) -> Tensor:
+        """Inverse of sigma(t)."""
+        raise NotImplementedError
+
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma(t_min), sigma(t_max)): the noise levels this process covers."""
+        t = torch.tensor([self.t_min, self.t_max], dtype=torch.float64)
+        lo, hi = self.sigma(t).tolist()
+        return lo, hi
+
+    def s_of_sigma(self, sigma: Tensor) -> Tensor:
+        return self.s(self.t(sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _vp_s(sigma: Tensor) -> Tensor:
+    # every variance-preserving process has s^2 (1 + sigma^2) = 1
+    return (1 + sigma**2).rsqrt()
+
+
+class VE(Process):
+    """Variance exploding / SMLD (Song & Ermon 2019; Song et al. 2021 eq. 30): geometric sigma, s = 1."""
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def s(self, t):
+        return torch.ones_like(t)
+
+    def ds(self, t):
+        return torch.zeros_like(t)
+
+    def sigma(self, t):
+        return self.sigma_min * torch.exp(t * self._log_ratio)
+
+    def dsigma(self, t):
+        return self.sigma(t) * self._log_ratio
+
+    def t(self, sigma):
+        return torch.log(sigma / self.sigma_min) / self._log_ratio
+
+
+class VP(Process):
+    """Variance preserving score SDE (Song et al. 2021): abar(t) = exp(-beta_d t^2 / 2 - beta_min t)."""
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, t_min: float = 1e-3):
+        self.beta_min, self.beta_d, self.t_min = beta_min, beta_d, t_min
+
+    def _g(self, t):  # -log abar(t)
+        return 0.5 * self.beta_d * t**2 + self.beta_min * t
+
+    def s(self, t):
+        return torch.exp(-0.5 * self._g(t))
+
+    def ds(self, t):
+        return -0.5 * (self.beta_d * t + self.beta_min) * self.s(t)
+
+    def sigma(self, t):
+        return torch.sqrt(torch.expm1(self._g(t)))
+
+    def dsigma(self, t):
+        g = self._g(t)
+        return torch.exp(g) * (self.beta_d * t + self.beta_min) / (2 * torch.sqrt(torch.expm1(g)))
+
+    def t(self, sigma):
+        # solve beta_d/2 t^2 + beta_min t = log(1 + sigma^2) for t >= 0
+        c = torch.log1p(sigma**2)
+        return (torch.sqrt(self.beta_min**2 + 2 * self.beta_d * c) - self.beta_min) / self.beta_d
+
+
+class SubVP(VP):
+    """Sub-VP score SDE (Song et al. 2021 eq. 29): mean sqrt(abar), std 1 - abar."""
+
+    name = "subvp"
+
+    def sigma(self, t):
+        return 2 * torch.sinh(0.5 * self._g(t))  # (1 - abar) / sqrt(abar)
+
+    def dsigma(self, t):
+        return torch.cosh(0.5 * self._g(t)) * (self.beta_d * t + self.beta_min)
+
+    def t(self, sigma):
+        g = 2 * torch.asinh(0.5 * sigma)
+        return (torch.sqrt(self.beta_min**2 + 2 * self.beta_d * g) - self.beta_min) / self.beta_d
+
+
+def ddpm_betas(schedule: str = "linear", T: int = 1000) -> Tensor:
+    """DDPM noise schedules: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021 eq. 17)."""
+    if schedule == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        i = torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos((i / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown DDPM schedule {schedule!r}; choose 'linear' or 'cosine'")
+
+
+class DDPM(Process):
+    """Discrete DDPM: sigma_i = sqrt((1 - abar_i) / abar_i) at timesteps i = 0..T-1.
+
+    Between integer timesteps log sigma is interpolated linearly, so t is a continuous index and
+    a network trained on integer t can be queried anywhere (as k-diffusion's DiscreteSchedule).
+    """
+
+    name = "ddpm"
+
+    def __init__(self, schedule: str = "linear", T: int = 1000):
+        self.schedule, self.T = schedule, T
+        abar = torch.cumprod(1 - ddpm_betas(schedule, T), 0)
+        self.sigmas = torch.sqrt((1 - abar) / abar)  # increasing in i
+        self.log_sigmas = self.sigmas.log()
+        self.t_min, self.t_max = 0.0, float(T - 1)
+
+    def _locate(self, t):
+        t = t.to(torch.float64).clamp(0, self.T - 1)
+        i = t.floor().long().clamp(max=self.T - 2)
+        return i, t - i
+
+    def sigma(self, t):
+        i, w = self._locate(t)
+        ls = self.log_sigmas.to(t.device)
+        return torch.exp(ls[i] + w * (ls[i + 1] - ls[i])).to(t.dtype)
+
+    def dsigma(self, t):
+        i, _ = self._locate(t)
+        ls = self.log_sigmas.to(t.device)
+        return (self.sigma(t) * (ls[i + 1] - ls[i]).to(t.dtype))
+
+    def s(self, t):
+        return _vp_s(self.sigma(t))
+
+    def ds(self, t):
+        sig = self.sigma(t)
+        return -sig * self.dsigma(t) * (1 + sig**2) ** -1.5
+
+    def t(self, sigma):
+        ls = self.log_sigmas.to(sigma.device)
+        lsig = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
+        i = (torch.searchsorted(ls, lsig.contiguous()) - 1).clamp(0, self.T - 2)
+        w = (lsig - ls[i]) / (ls[i + 1] - ls[i])
+        return (i + w).to(sigma.dtype)
+
+    def __repr__(self):
+        return f"DDPM(schedule={self.schedule!r}, T={self.T})"
+
+
+class EDM(Process):
+    """EDM (Karras et al. 2022): s = 1, sigma = t."""
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def s(self, t):
+        return torch.ones_like(t)
+
+    def ds(self, t):
+        return torch.zeros_like(t)
+
+    def sigma(self, t):
+        return t
+
+    def dsigma(self, t):
+        return torch.ones_like(t)
+
+    def t(self, sigma):
+        return sigma
+
+
+class Flow(Process):
+    """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): x_t = (1-t) x_0 + t n."""
+
+    name = "flow"
+
+    def __init__(self, t_max: float = 1.0):
+        self.t_max = t_max
+
+    def s(self, t):
+        return 1 - t
+
+    def ds(self, t):
+        return -torch.ones_like(t)
+
+    def sigma(self, t):
+        return t / (1 - t)
+
+    def dsigma(self, t):
+        return (1 - t) ** -2
+
+    def t(self, sigma):
+        return sigma / (1 + sigma)
+
+
+PROCESSES = {"ve": VE, "vp": VP, "subvp": SubVP, "ddpm": DDPM, "edm": EDM, "flow": Flow}
+
+
+def get(name: str, **kwargs) -> Process:
+    """Process by name: one of PROCESSES."""
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}; choose one of {sorted(PROCESSES)}")
+    return PROCESSES[name](**kwargs)

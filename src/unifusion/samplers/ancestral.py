@@ -1,0 +1,49 @@
+"""DDIM / DDPM steps in the sigma-domain.
+
+The DDPM posterior q(x_{t'} | x_t, x_0) mapped to x = x_t / s(t) does not depend on the process:
+mean (s'^2/s^2) x + (1 - s'^2/s^2) x_0 and std s' sqrt(1 - s'^2/s^2), writing s, s' for the
+noise levels sigma, sigma'. So DDPM, DDIM and the ancestral sampler work unchanged for every
+process; only the grid (e.g. grids.ddpm timesteps) carries the process.
+"""
+from __future__ import annotations
+
+import math
+
+from .registry import noise_like, register
+
+
+@register("ddim", order=1)
+def ddim(denoise, x, sigmas, *, generator=None, eta=0.0, s_noise=1.0):
+    """DDIM (Song et al. 2021a, eq. 12) with stochasticity eta; eta=0 is Euler, eta=1 is DDPM."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        D = denoise(x, s)
+        # DDIM's sigma_t(eta), divided by s(t'): the std of fresh noise added this step
+        c = min(s_next, eta * s_next * math.sqrt(max(0.0, 1 - (s_next / s) ** 2)))
+        # keep the predicted noise (x - D)/s at the level that remains, add fresh noise for the rest
+        x = D + (x - D) * (math.sqrt(s_next**2 - c**2) / s)
+        if c > 0:
+            x = x + noise_like(x, generator) * (c * s_noise)
+    return x
+
+
+@register("euler_ancestral", order=0, stochastic=True)
+def euler_ancestral(denoise, x, sigmas, *, generator=None, eta=1.0, s_noise=1.0):
+    """Euler ancestral (k-diffusion): Euler down to sigma_down, then noise up to sigma'.
+
+    With sigma_up = eta * sqrt(s'^2 (s^2 - s'^2) / s^2) this is DDIM(eta) written as a step to a
+    lower level plus noise; the function is shared to keep one implementation.
+    """
+    return ddim(denoise, x, sigmas, generator=generator, eta=eta, s_noise=s_noise)
+
+
+@register("ddpm", order=0, stochastic=True)
+def ddpm(denoise, x, sigmas, *, generator=None):
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 7): draw from q(x_{t'} | x_t, x_0 = D)."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        D = denoise(x, s)
+        ratio = (s_next / s) ** 2
+        # posterior mean and std, written in the sigma-domain (see module docstring)
+        x = x * ratio + D * (1 - ratio)
+        if s_next > 0:
+            x = x + noise_like(x, generator) * (s_next * math.sqrt(1 - ratio))
+    return x
