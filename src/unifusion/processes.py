@@ -21,6 +21,7 @@ class Process:
     name = "process"
     t_min = 0.0
     t_max = 1.0
+    native_grid = "uniform_t"  # the discretization its paper samples with (samplers/grids.py)
 
     def s(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -151,6 +152,7 @@ class DDPM(Process):
     """
 
     name = "ddpm"
+    native_grid = "ddpm"
 
     def __init__(self, schedule: str = "linear", T: int = 1000):
         self.schedule, self.T = schedule, T
@@ -196,6 +198,7 @@ class EDM(Process):
     """EDM (Karras et al. 2022): s = 1, sigma = t."""
 
     name = "edm"
+    native_grid = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         self.t_min, self.t_max = sigma_min, sigma_max

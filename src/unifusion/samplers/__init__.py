@@ -49,17 +49,26 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
                          f"its options are {sorted(spec.defaults)}")
     if not isinstance(noise, torch.Tensor) or noise.ndim < 1:
         raise ValueError("noise must be a tensor of shape (B, ...), e.g. torch.randn(B, ...) * sigma_max")
-    if isinstance(grid, torch.Tensor):
-        steps = None
-    elif steps is None:
-        budget = 10 if nfe is None else nfe
-        if spec.adaptive:
-            options.setdefault("max_nfe", budget)
-            steps = 2  # an adaptive solver uses only the ends sigma_max, sigma_min
-        else:
+    opts = {**spec.defaults, **options}
+    # nfe defaults to 10 only when neither steps nor an explicit grid fixes the length
+    budget = 10 if nfe is None and steps is None and not isinstance(grid, torch.Tensor) else nfe
+    if spec.adaptive:  # it picks its own steps between the two ends, within the budget
+        options.setdefault("max_nfe", budget)
+        sigmas = torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
+    else:
+        if isinstance(grid, torch.Tensor):
+            steps = len(grid) - (float(grid[-1]) == 0)
+        elif steps is None:
+            need = spec.cost(1, opts)
+            if budget < need:
+                raise ValueError(f"sampler {sampler!r} needs nfe >= {need} (one step of it makes {need} denoiser "
+                                 f"calls with options {opts}); raise nfe or pick another sampler")
             steps = spec.steps_for(budget, options)
-    sigmas = grids.make(grid, steps, sigma_min, sigma_max, process=process, **(grid_options or {}))
-    bar = tqdm(total=None if spec.adaptive else spec.cost(len(sigmas) - 1, {**spec.defaults, **options}),
+        if budget is not None and spec.cost(steps, opts) > budget:
+            raise ValueError(f"a grid of {steps} steps costs {spec.cost(steps, opts)} calls of {sampler!r}, "
+                             f"over nfe={budget}; pass a shorter grid or a larger nfe")
+        sigmas = grids.make(grid, steps, sigma_min, sigma_max, process=process, **(grid_options or {}))
+    bar = tqdm(total=None if spec.adaptive else spec.cost(len(sigmas) - 1, opts),
                desc=sampler, unit="nfe", disable=not progress, leave=False)
     with torch.no_grad(), bar:
         denoise = make_denoise(denoiser, noise.shape[0], cond, bar)

@@ -33,13 +33,15 @@ def dopri5(denoise, x, sigmas, *, generator=None, rtol=1e-3, atol=1e-3, h_init=0
         nfe += 1
         return x_ - denoise(x_, math.exp(u_))
 
-    h = -abs(h_init)
-    k1 = f(x, u) if u > u_end else None
+    h, k1 = -abs(h_init), None
     while u > u_end + 1e-12:
-        if max_nfe is not None and nfe + 6 + (sigmas[-1] == 0) > max_nfe:
+        # a step costs 6 calls, 7 for the first (FSAL reuses the last stage); keep one for the end
+        if max_nfe is not None and nfe + 6 + (k1 is None) + (sigmas[-1] == 0) > max_nfe:
             warnings.warn(f"dopri5 stopped at sigma={math.exp(u):.4g}: max_nfe={max_nfe} reached")
             break
         h = max(h, u_end - u)  # don't step past the end (h < 0)
+        if k1 is None:
+            k1 = f(x, u)
         ks = [k1]
         for c, a in zip(_C[1:], _A[1:]):
             xi = x

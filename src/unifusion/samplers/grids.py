@@ -2,7 +2,7 @@
 
 Each function returns n levels from sigma_max down to sigma_min (n >= 1); `make` appends the
 final 0 (the denoised output). A process enters only through the grids it induces (uniform_t,
-ddpm, sd3), never inside a solver.
+ddpm, sd3, and "native": its paper's own choice), never inside a solver.
 """
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def ddpm(n: int, sigma_min: float, sigma_max: float, process: Process, spacing: 
         raise ValueError(f"no DDPM timestep has sigma in [{sigma_min}, {sigma_max}]; its range is "
                          f"[{process.sigmas[0]:.4g}, {process.sigmas[-1]:.4g}]")
     lo, hi = int(inside[0]), int(inside[-1])
+    if abs(float(process.sigmas[hi]) / sigma_max - 1) > 1e-6:
+        # the noise was scaled by sigma_max, so the first timestep must sit exactly there
+        raise ValueError(f"sigma_max={sigma_max} is not a noise level of {process!r}; the nearest below is "
+                         f"{float(process.sigmas[hi])!r} (timestep {hi}); the top is {float(process.sigmas[-1])!r}")
     if spacing == "trailing":  # always includes the noisiest step hi
         steps = torch.round(hi - torch.arange(n, dtype=torch.float64) * (hi - lo + 1) / n).long()
     elif spacing == "leading":  # always includes the cleanest step lo (DDIM's original choice)
@@ -86,11 +90,15 @@ def make(grid, n: int, sigma_min: float, sigma_max: float, process: Process | No
     if isinstance(grid, Tensor):
         sig = grid.to(torch.float64)
         return sig if float(sig[-1]) == 0 else torch.cat([sig, sig.new_zeros(1)])
+    if grid == "native":  # the process's own discretization
+        if process is None:
+            raise ValueError("grid 'native' needs process=... (e.g. unifusion.processes.VP())")
+        grid = process.native_grid
     if callable(grid):
         sig = grid(n, sigma_min, sigma_max, **opts)
     else:
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+            raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS) + ['native']}")
         if grid in NEEDS_PROCESS:
             if process is None:
                 raise ValueError(f"grid {grid!r} needs process=... (e.g. unifusion.processes.VP())")

@@ -23,10 +23,11 @@ def lms(denoise, x, sigmas, *, generator=None, order=4):
 _AB = [[1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
 
 
-@register("ipndm", order=4)
+@register("ipndm", order=2)
 def ipndm(denoise, x, sigmas, *, generator=None, order=4):
     """Improved PNDM (Zhang & Chen 2023, DEIS Sec. 4): fixed-coefficient Adams-Bashforth on the
-    slope with a lower-order warm start. Full order on grids of equal sigma steps."""
+    slope with a lower-order warm start. The coefficients assume equal steps, so on the usual
+    non-uniform grids it converges with order 2 (on equal steps it is lms exactly)."""
     hist = []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         hist = [(x - denoise(x, s)) / s] + hist[: order - 1]

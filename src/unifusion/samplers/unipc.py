@@ -30,7 +30,12 @@ def _solve(A: list[list[float]], b: list[float]) -> list[float]:
 
 def unipc_coefficients(h: float, rks: list[float], variant: str) -> list[float]:
     """Solve sum_m a_m r_m^(k-1) = k! g_k(h) / B(h), k = 1..len(rks)  (UniPC eq. for the data
-    prediction model; g_1 = phi_1(-h)/(-h) - 1, g_{k+1} = g_k/(-h) - 1/(k+1)!)."""
+    prediction model; g_1 = phi_1(-h)/(-h) - 1, g_{k+1} = g_k/(-h) - 1/(k+1)!).
+
+    Solved exactly, B(h) would cancel; for a single node UniPC takes the system's leading-order
+    solution a_1 = 1/2, which is where the choice of B(h) (bh1: h, bh2: e^h - 1) matters."""
+    if len(rks) == 1:
+        return [0.5]
     hh = -h
     phi1 = math.expm1(hh)
     B = hh if variant == "bh1" else phi1
