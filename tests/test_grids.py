@@ -1,0 +1,70 @@
+"""Grids: endpoints, monotonicity and the papers' formulas."""
+import math
+
+import pytest
+import torch
+
+from unifusion import processes as P
+from unifusion.samplers import grids
+
+
+@pytest.mark.parametrize("name", ["karras", "loglinear", "linear", "sd3"])
+def test_endpoints_and_decreasing(name):
+    g = grids.GRIDS[name](9, 0.002, 80.0)
+    assert len(g) == 9
+    assert abs(float(g[0]) - 80.0) < 1e-9 and abs(float(g[-1]) - 0.002) < 1e-12
+    assert (g[1:] < g[:-1]).all()
+
+
+def test_karras_formula():
+    # EDM eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
+    i, N, rho = 3, 10, 7.0
+    want = (80 ** (1 / rho) + i / (N - 1) * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
+    assert math.isclose(float(grids.karras(N, 0.002, 80.0)[i]), want, rel_tol=1e-12)
+
+
+def test_uniform_t_is_uniform_in_the_process_time():
+    vp = P.VP()
+    g = grids.uniform_t(11, 0.01, 80.0, vp)
+    t = vp.t(g)
+    torch.testing.assert_close(t[1:] - t[:-1], torch.full((10,), float(t[1] - t[0]), dtype=torch.float64))
+
+
+def test_sd3_shift_formula():
+    # with sigma range of flow times [t_lo, t_hi] the unshifted u is uniform and t = s u / (1 + (s-1) u)
+    g = grids.sd3(7, 0.002, 80.0, shift=3.0)
+    t = g / (1 + g)
+    u = t / (3.0 - 2.0 * t)
+    torch.testing.assert_close(u[1:] - u[:-1], torch.full((6,), float(u[1] - u[0]), dtype=torch.float64))
+    # the shift spends more steps at high noise than the unshifted uniform-t grid
+    plain = grids.uniform_t(7, 0.002, 80.0, P.Flow())
+    assert (g[1:-1] > plain[1:-1]).all()
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_ddpm_timesteps(spacing):
+    d = P.DDPM()
+    g = grids.ddpm(10, float(d.sigmas[0]), float(d.sigmas[-1]), d, spacing=spacing)
+    idx = torch.searchsorted(d.sigmas, g)
+    torch.testing.assert_close(d.sigmas[idx], g)  # every level is an integer timestep
+    assert len(set(idx.tolist())) == 10 and (g[1:] < g[:-1]).all()
+    if spacing == "trailing":  # Lin et al. 2024: trailing always starts at the last timestep
+        assert int(idx[0]) == 999
+    if spacing == "leading":  # DDIM's original: multiples of the stride, so it ends at timestep 0
+        assert int(idx[-1]) == 0
+
+
+def test_ddpm_grid_refuses_a_sigma_max_off_the_schedule():
+    with pytest.raises(ValueError, match="not a noise level"):
+        grids.ddpm(10, 0.01, 80.0, P.DDPM())
+
+
+def test_make_appends_zero_and_validates():
+    g = grids.make("karras", 5, 0.002, 80.0)
+    assert len(g) == 6 and float(g[-1]) == 0
+    assert grids.make(torch.tensor([3.0, 1.0]), 0, 0, 0).tolist() == [3.0, 1.0, 0.0]
+    assert len(grids.make("native", 4, 0.002, 80.0, process=P.EDM())) == 5
+    with pytest.raises(ValueError, match="needs process"):
+        grids.make("native", 4, 0.002, 80.0)
+    with pytest.raises(ValueError, match="DDPM"):
+        grids.make("ddpm", 4, 0.002, 80.0, process=P.VP())
