@@ -5,7 +5,9 @@
 The logic lives in unifusion.evaluation.sampler_bench (also `unifusion bench samplers`);
 BENCHMARKS.md records the latest output.
 """
+import sys
+
 from unifusion.evaluation.sampler_bench import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,8 @@ from unifusion.evaluation import sampler_bench
 
 def test_bench_harness_tiny(tmp_path, capsys):
     nfes = [5, 8]
-    out = sampler_bench.main(["--dims", "2", "--nfe", *map(str, nfes), "--batch", "16", "--check-nfe", "0",
-                              "--no-peers", "--no-timing", "--out", str(tmp_path)])
+    out = sampler_bench.run(["--dims", "2", "--nfe", *map(str, nfes), "--batch", "16", "--check-nfe", "0",
+                             "--no-peers", "--no-timing", "--out", str(tmp_path)])
     (table,) = out["tables"]
 
     # one row per deterministic fixed-step sampler, unipc once per variant

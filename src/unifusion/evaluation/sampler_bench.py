@@ -90,6 +90,12 @@ def unifusion_runners(grid: str = "karras") -> list[Runner]:
                 return uf_samplers.sample(denoiser, noise, _name, nfe=nfe, sigma_min=SIGMA_MIN,
                                           sigma_max=SIGMA_MAX, grid=grid, **_opts)
             out.append(Runner(label, run))
+    if grid == "karras":  # unifusion's low-NFE recipe: the same samplers on grids.tuned
+        for name in ("ipndm", "unipc", "dpmpp_2m"):
+            def run(denoiser, noise, nfe, _name=name):
+                return uf_samplers.sample(denoiser, noise, _name, nfe=nfe, sigma_min=SIGMA_MIN,
+                                          sigma_max=SIGMA_MAX, grid="tuned")
+            out.append(Runner(f"uf:{name}@tuned", run))
     return out
 
 
@@ -349,9 +355,10 @@ def accuracy_table(runners: list[Runner], dim: int, nfes, components: int, mixtu
     return table
 
 
-def _best(table: AccuracyTable, nfe: int, peers: bool) -> tuple[str, float] | None:
+def _best(table: AccuracyTable, nfe: int, peers: bool, same_grid: bool = False) -> tuple[str, float] | None:
     cands = [(name, res[nfe].rmse) for name, res in table.rows.items()
-             if (name.startswith("uf:") != peers) and math.isfinite(res[nfe].rmse)]
+             if (name.startswith("uf:") != peers) and math.isfinite(res[nfe].rmse)
+             and not (same_grid and "@" in name)]
     return min(cands, key=lambda c: c[1]) if cands else None
 
 
@@ -380,14 +387,20 @@ def format_table(table: AccuracyTable) -> str:
             line += " |" + cell(table.check[name], table.check_nfe).rjust(cw + 6)
         lines.append(line)
     lines.append("")
-    lines.append("per NFE: best unifusion sampler, best peer, error ratio ours/peer (< 1: ours more accurate)")
+    lines.append("per NFE: best peer; best unifusion sampler on the same grid, and with its own recipe (@tuned);"
+                 " error ratio ours/peer (< 1: ours more accurate)")
     for n in table.nfes:
-        ours, peer = _best(table, n, peers=False), _best(table, n, peers=True)
-        if ours is None:
+        peer = _best(table, n, peers=True)
+        same, own = _best(table, n, peers=False, same_grid=True), _best(table, n, peers=False)
+        if same is None:
             continue
-        txt = f"  NFE {n:>3}: {ours[0]} {ours[1]:.2e}"
+        txt = f"  NFE {n:>3}:"
         if peer is not None:
-            txt += f"  vs  {peer[0]} {peer[1]:.2e}  ratio {ours[1] / peer[1]:.3g}"
+            txt += f" peer {peer[0]} {peer[1]:.2e} | same grid {same[0]} {same[1]:.2e} ratio {same[1] / peer[1]:.3g}"
+            if own[0] != same[0]:
+                txt += f" | recipe {own[0]} {own[1]:.2e} ratio {own[1] / peer[1]:.3g}"
+        else:
+            txt += f" {same[0]} {same[1]:.2e}"
         lines.append(txt)
     return "\n".join(lines)
 
@@ -571,7 +584,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    """`unifusion bench samplers` / benchmarks/samplers.py: run, print the tables; exit status 0."""
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> dict:
     """Run the benchmark, print its tables; returns {'tables': [AccuracyTable], 'timing': str | None}."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
@@ -617,4 +636,4 @@ def _main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .registry import noise_like, register
 
 
@@ -43,7 +45,7 @@ def ddpm(denoise, x, sigmas, *, generator=None):
         D = denoise(x, s)
         ratio = (s_next / s) ** 2
         # posterior mean and std, written in the sigma-domain (see module docstring)
-        x = x * ratio + D * (1 - ratio)
+        x = torch.lerp(D, x, ratio)
         if s_next > 0:
             x = x + noise_like(x, generator) * (s_next * math.sqrt(1 - ratio))
     return x

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .expint import exp_weights
 from .registry import noise_like, register
 
@@ -19,9 +21,10 @@ def dpmpp_2m(denoise, x, sigmas, *, generator=None):
         if s_next == 0:
             return D
         h = math.log(s / s_next)
-        # first step is DPM-Solver++(1) = DDIM; later steps extrapolate D linearly in lambda
-        Dt = D if D_prev is None else D + (D - D_prev) * (h / (2 * h_prev))
-        x = x * (s_next / s) + Dt * (-math.expm1(-h))
+        # first step is DPM-Solver++(1) = DDIM; later steps extrapolate D linearly in lambda:
+        # Dt = D + (D - D_prev) h / (2 h_prev), then x' = e^{-h} x + (1 - e^{-h}) Dt (two lerps)
+        Dt = D if D_prev is None else torch.lerp(D_prev, D, 1 + h / (2 * h_prev))
+        x = torch.lerp(Dt, x, s_next / s)
         D_prev, h_prev = D, h
     return x
 
@@ -60,8 +63,8 @@ def dpmpp_2s(denoise, x, sigmas, *, generator=None, eta=0.0, s_noise=1.0):
         s_down = math.sqrt(s_next**2 - s_up**2)
         h = math.log(s / s_down)
         s_mid = math.sqrt(s * s_down)  # lambda midpoint
-        u = x * (s_mid / s) + D * (-math.expm1(-0.5 * h))
-        x = x * (s_down / s) + denoise(u, s_mid) * (-math.expm1(-h))
+        u = torch.lerp(D, x, s_mid / s)  # e^{-h/2} x + (1 - e^{-h/2}) D
+        x = torch.lerp(denoise(u, s_mid), x, s_down / s)
         if s_up > 0:
             x = x + noise_like(x, generator) * (s_up * s_noise)
     return x

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .registry import noise_like, register
 
 
@@ -11,9 +13,8 @@ def euler(denoise, x, sigmas, *, generator=None):
     """Euler on the PF-ODE; equals DDIM with eta = 0 (EDM, Karras et al. 2022, Sec. 3)."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         D = denoise(x, s)
-        # x + (s_next - s) (x - D) / s, written as a blend so s_next = 0 returns D exactly
-        r = s_next / s
-        x = x * r + D * (1 - r)
+        # x + (s_next - s) (x - D) / s = D + (s_next/s)(x - D): one lerp, and s_next = 0 returns D exactly
+        x = torch.lerp(D, x, s_next / s)
     return x
 
 

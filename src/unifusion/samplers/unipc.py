@@ -48,7 +48,8 @@ def unipc_coefficients(h: float, rks: list[float], variant: str) -> list[float]:
 
 
 @register("unipc", order=3)
-def unipc(denoise, x, sigmas, *, generator=None, order=2, variant="bh2", corrector=True, lower_order_final=True):
+def unipc(denoise, x, sigmas, *, generator=None, order=2, variant="bh2", corrector=True, lower_order_final=True,
+          final_corrector=False):
     """UniPC with predictor order `order` (UniC lifts it to order+1); variant 'bh1' or 'bh2'."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
@@ -62,7 +63,10 @@ def unipc(denoise, x, sigmas, *, generator=None, order=2, variant="bh2", correct
             # UniC: redo the previous step with D at the new point as one more interpolation node
             x_prev, h, rks, Ds = last
             a = unipc_coefficients(h, rks + [1.0], variant)
-            x = _unipc_base(x_prev, Ds[0], h, variant, a[:-1], rks, Ds) - (D - Ds[0]) * (_B(h, variant) * a[-1])
+            x_c = _unipc_base(x_prev, Ds[0], h, variant, a[:-1], rks, Ds) - (D - Ds[0]) * (_B(h, variant) * a[-1])
+            if sigmas[i + 1] == 0 and final_corrector:
+                return D + (x_c - x)
+            x = x_c
         hist = [(lam[i], D)] + hist[: max(order, 1) - 1]
         if sigmas[i + 1] == 0:
             return D
