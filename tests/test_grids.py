@@ -68,3 +68,11 @@ def test_make_appends_zero_and_validates():
         grids.make("native", 4, 0.002, 80.0)
     with pytest.raises(ValueError, match="DDPM"):
         grids.make("ddpm", 4, 0.002, 80.0, process=P.VP())
+
+
+def test_tuned_grid_rule():
+    # rho 15, last level max(sigma_min, scale / n)
+    g = grids.tuned(10, 0.002, 80.0)
+    torch.testing.assert_close(g, grids.karras(10, 0.1, 80.0, rho=15.0))
+    assert math.isclose(float(grids.tuned(1000, 0.002, 80.0)[-1]), 0.002)
+    assert math.isclose(float(grids.tuned(10, 0.002, 80.0, scale=0.5)[-1]), 0.05)
