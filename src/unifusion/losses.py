@@ -1,0 +1,122 @@
+"""Training losses: E_{sigma ~ p(sigma)} lambda(sigma) || D(x_0 + sigma n, sigma) - x_0 ||^2.
+
+The noise-level density p(sigma) and the weighting lambda(sigma) are chosen independently of the
+parametrization. Writing the loss on F instead, ||F - target||^2 = ||D - x_0||^2 / c_out^2, so the
+classic losses are instances:
+
+| loss                         | p(sigma)                               | lambda(sigma)       |
+|------------------------------|----------------------------------------|---------------------|
+| DDPM eps (Ho et al. 2020)    | uniform over the T discrete levels     | 1/sigma^2 (eps)     |
+| v (Salimans & Ho 2022)       | the process's t-density                | (1+sigma^2)/sigma^2 |
+| flow matching (Lipman 2023)  | t ~ U(0,1) (or logit-normal, SD3)      | (1+sigma)^2/sigma^2 |
+| EDM (Karras et al. 2022)     | ln sigma ~ N(P_mean, P_std^2)          | 1/c_out^2 (EDM)     |
+
+i.e. lambda = parametrization.loss_weight(sigma) gives the "native" loss of each parametrization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .parametrizations import Parametrization, _bc
+from .processes import DDPM, Flow, Process
+
+
+class NoiseDensity:
+    """p(sigma): draws a (B,) tensor of noise levels."""
+
+    def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        raise NotImplementedError
+
+
+class LogNormal(NoiseDensity):
+    """EDM: ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1)."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def sample(self, batch, generator=None, device=None):
+        z = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
+        return torch.exp(self.p_mean + self.p_std * z)
+
+
+class UniformT(NoiseDensity):
+    """t ~ U(t_min, t_max) of a process, mapped to sigma (score SDE, DDPM-continuous, flow matching)."""
+
+    def __init__(self, process: Process, t_min: float | None = None, t_max: float | None = None):
+        self.process = process
+        self.t_min = process.t_min if t_min is None else t_min
+        # flow matching's t = 1 is sigma = inf: stay just inside
+        self.t_max = (min(process.t_max, 1 - 1e-4) if isinstance(process, Flow) else process.t_max) if t_max is None else t_max
+
+    def sample(self, batch, generator=None, device=None):
+        u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
+        return self.process.sigma(self.t_min + (self.t_max - self.t_min) * u)
+
+
+class LogitNormalT(NoiseDensity):
+    """SD3 (Esser et al. 2024, eq. 19 and 23): flow time t = sigmoid(m + s z), then the shift
+    t' = shift t / (1 + (shift - 1) t); sigma = t' / (1 - t')."""
+
+    def __init__(self, m: float = 0.0, s: float = 1.0, shift: float = 1.0):
+        self.m, self.s, self.shift = m, s, shift
+
+    def sample(self, batch, generator=None, device=None):
+        z = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
+        t = torch.sigmoid(self.m + self.s * z)
+        t = self.shift * t / (1 + (self.shift - 1) * t)
+        t = t.clamp(1e-5, 1 - 1e-5)  # keep sigma finite and positive
+        return t / (1 - t)
+
+
+class DiscreteUniform(NoiseDensity):
+    """DDPM: timestep i ~ U{0, ..., T-1}, sigma = sigma_i."""
+
+    def __init__(self, process: DDPM):
+        if not isinstance(process, DDPM):
+            raise ValueError(f"DiscreteUniform needs a DDPM process, got {process!r}")
+        self.process = process
+
+    def sample(self, batch, generator=None, device=None):
+        i = torch.randint(0, self.process.T, (batch,), generator=generator, device=device)
+        return self.process.sigmas.to(device)[i]
+
+
+def weighting(name: str, param: Parametrization, sigma_data: float = 0.5):
+    """lambda(sigma) by name: 'native' (the parametrization's own F-loss, 1/c_out^2), 'edm'
+    (EDM's 1/c_out^2 with sigma_data, whatever the parametrization), 'snr' (1/sigma^2: the eps-loss),
+    'min_snr5' (Hang et al. 2023: the eps-loss times min(SNR, 5)/SNR with SNR = 1/sigma^2, which is
+    min(1/sigma^2, 5)), 'uniform' (1: the plain D-loss)."""
+    if name == "native":
+        return param.loss_weight
+    if name == "edm":
+        return lambda s: (s**2 + sigma_data**2) / (s * sigma_data) ** 2
+    if name == "snr":
+        return lambda s: s**-2
+    if name == "min_snr5":
+        return lambda s: torch.clamp(s**-2, max=5.0)
+    if name == "uniform":
+        return lambda s: torch.ones_like(s)
+    raise ValueError(f"unknown weighting {name!r}; choose native, edm, snr, min_snr5 or uniform")
+
+
+def denoising_loss(denoiser, x0: Tensor, sigma: Tensor, weight, noise: Tensor | None = None,
+                   generator: torch.Generator | None = None, **cond) -> Tensor:
+    """Per-example lambda(sigma) * mean over dims of (D(x0 + sigma n, sigma) - x0)^2, shape (B,)."""
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    sigma = sigma.to(x0.dtype)
+    D = denoiser(x0 + _bc(sigma, x0) * noise, sigma, **cond)
+    return weight(sigma).to(x0.dtype) * (D - x0).pow(2).flatten(1).mean(1)
+
+
+def null_labels(y: Tensor, num_classes: int, p_drop: float, generator: torch.Generator | None = None) -> Tensor:
+    """Condition dropout for classifier-free guidance: each label becomes the null label
+    `num_classes` with probability p_drop."""
+    if not 0 <= p_drop <= 1:
+        raise ValueError(f"condition dropout must be in [0, 1], got {p_drop}")
+    if p_drop == 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_drop
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
