@@ -12,8 +12,8 @@ def test_bench_harness_tiny(tmp_path, capsys):
                              "--no-peers", "--no-timing", "--out", str(tmp_path)])
     (table,) = out["tables"]
 
-    # one row per deterministic fixed-step sampler, unipc once per variant
-    expected = set()
+    # one row per deterministic fixed-step sampler, unipc once per variant, plus the grids.tuned recipe rows
+    expected = {"uf:ipndm@tuned", "uf:unipc@tuned", "uf:dpmpp_2m@tuned"}
     for name in uf.samplers.names():
         spec = uf.samplers.get(name)
         if not (spec.stochastic or spec.adaptive):
