@@ -1,0 +1,148 @@
+"""Pieces shared by the MLP, UNet and DiT: noise/class embedding, attention, norms, init helpers.
+
+A network here sees a noise label c_noise and never what it means: it may be a DDPM step index
+(0..999), a continuous time t in [0, 1], or EDM's ln(sigma)/4 (about -1.6..1.2). The sinusoidal
+embedding below is therefore built to resolve all of these ranges at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def sinusoidal_embedding(c_noise: Tensor, dim: int, min_freq: float = 1e-4, max_freq: float = 10.0) -> Tensor:
+    """(B,) -> (B, dim): [cos(f_k c), sin(f_k c)] with dim/2 frequencies geometric in [min_freq, max_freq].
+
+    Transformer positional encoding (Vaswani et al. 2017) as used by DDPM/ADM, but with the top
+    frequency raised from 1 to 10: periods then run from ~0.6 (so t in [0, 1] and ln(sigma)/4
+    are resolved finely) to ~63000 (so step indices up to 1000 still map monotonically through
+    the slowest components). The learned MLP after it picks whichever components carry signal.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), half, device=c_noise.device))
+    # at least float32 whatever the caller's dtype: bf16 would round c_noise = 999 to 1000
+    dtype = torch.promote_types(c_noise.dtype, torch.float32)
+    args = c_noise.to(dtype)[:, None] * freqs.to(dtype)[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ConditionEmbedding(nn.Module):
+    """emb = MLP(sinusoid(c_noise)) + table[y]: the single vector every block is conditioned on.
+
+    Class labels are 0..num_classes-1; the extra row num_classes is the null label that
+    classifier-free guidance drops to, and y=None means "all null".
+    """
+
+    def __init__(self, emb_dim: int, num_classes: int = 0, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim, self.num_classes = freq_dim, num_classes
+        self.noise_mlp = nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # nn.Embedding's unit-scale random rows (ADM's choice) make classes distinct from step 0
+        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+
+    def forward(self, c_noise: Tensor, y: Tensor | None, batch: int) -> Tensor:
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(batch)
+        if c_noise.shape != (batch,):
+            raise ValueError(f"c_noise must have shape ({batch},), got {tuple(c_noise.shape)}")
+        freq = sinusoidal_embedding(c_noise, self.freq_dim)  # (B, freq_dim)
+        emb = self.noise_mlp(freq.to(self.noise_mlp[0].weight.dtype))  # (B, emb_dim), in the net's dtype
+        if self.label is None:
+            if y is not None:
+                raise ValueError("this network is unconditional (num_classes=0) but got labels y; "
+                                 "build it with num_classes > 0 or pass y=None")
+            return emb
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=c_noise.device)
+        if y.shape != (batch,):
+            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes} ({self.num_classes} = null label), "
+                             f"got values in {int(y.min())}..{int(y.max())}")
+        return emb + self.label(y)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Adaptive normalisation: x * (1 + scale) + shift, so zero modulation is the identity."""
+    return x * (1 + scale) + shift
+
+
+def group_norm(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where possible, fewer for narrow layers (EDM's rule), so tiny
+    nets do not degenerate to instance norm (one channel per group)."""
+    groups = max(1, min(max_groups, channels // min_channels_per_group))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last axis (Zhang & Sennrich 2019); nn.RMSNorm needs torch>=2.4."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def qk_norm_layer(kind: str | bool | None, head_dim: int) -> nn.Module:
+    """The per-head norm applied to q and k (ViT-22B, SD3): keeps attention logits bounded."""
+    if kind in (None, False):
+        return nn.Identity()
+    if kind is True or kind == "rms":
+        return RMSNorm(head_dim)
+    if kind == "layer":
+        return nn.LayerNorm(head_dim, eps=1e-6)
+    raise ValueError(f"qk_norm must be False, True, 'rms' or 'layer', got {kind!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on tokens (B, N, C) through scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | bool | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = qk_norm_layer(qk_norm, self.head_dim)
+        self.k_norm = qk_norm_layer(qk_norm, self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        # norms may run in float32 under autocast; SDPA wants q, k, v in one dtype
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero every parameter: the layer then contributes nothing at init (identity residual path)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """Run fn(*args), recomputing its activations in the backward pass when enabled and training.
+
+    Trades one extra forward of the block for not storing its activations (Chen et al. 2016);
+    a no-op at inference, where nothing is stored anyway.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)

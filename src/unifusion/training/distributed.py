@@ -1,0 +1,66 @@
+"""Data parallel set-up: a no-op for one process, DDP under torchrun (gloo on CPU, nccl on GPU)."""
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, net):
+        if not self.enabled:
+            return net
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=ids)
+
+    def no_sync(self, net):
+        """Skip the gradient all-reduce on accumulation micro-steps but the last."""
+        return net.no_sync() if self.enabled else nullcontext()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            t = t.clone()
+            tdist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def barrier(self):
+        if self.enabled:
+            tdist.barrier()
+
+    def cleanup(self):
+        if self.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group when there are
+    several. The collective timeout (UNIFUSION_DIST_TIMEOUT seconds, default 120) turns a dead
+    rank into an error on the others instead of a hang."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not tdist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("UNIFUSION_DIST_TIMEOUT", "120")))
+        tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+    return Dist(rank, world, local, dev)

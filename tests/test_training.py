@@ -1,0 +1,222 @@
+"""The trainer end to end on tiny problems: config errors, exact resume, non-finite losses,
+SIGINT, data parallel equality and a dying rank."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unifusion import config as C
+from unifusion.training import checkpoint
+from unifusion.training import loop as L
+
+TINY = dict(data="moons", network="mlp-2d", process="flow", parametrization="velocity", noise_density="uniform_t",
+            steps=12, batch_size=32, checkpoint_every=4, sample_every=0, log_every=2, warmup_steps=3, lr=1e-3,
+            sample_nfe=4, ema_half_life=500.0)
+
+
+def tiny(tmp_path, **kw):
+    return C.from_dict({**TINY, "out": str(tmp_path / "run"), **kw})
+
+
+def weights(run_dir):
+    tensors, state = checkpoint.load(run_dir)
+    return tensors, state
+
+
+# ---------------------------------------------------------------- config
+def test_config_typo_suggests_the_nearest_key():
+    with pytest.raises(ValueError, match="did you mean 'batch_size'"):
+        C.from_dict({"batch-sise": 8})
+    with pytest.raises(ValueError, match="steps expects int"):
+        C.from_dict({"steps": "many"})
+    with pytest.raises(ValueError, match="choose one of"):
+        C.from_dict({"process": "vpp"})
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 7\nlr: 0.01\ndata: moons\n")
+    cfg = C.load(str(p), {"lr": "0.02", "resume": "true"})
+    assert (cfg.steps, cfg.lr, cfg.data, cfg.resume) == (7, 0.02, "moons", True)
+    with pytest.raises(FileNotFoundError):
+        C.load(str(tmp_path / "missing.yaml"))
+
+
+# ---------------------------------------------------------------- a run and its outputs
+def test_tiny_run_writes_its_outputs(tmp_path):
+    res = L.train(tiny(tmp_path), progress=False)
+    assert not res["interrupted"]
+    for key in ("checkpoint", "samples", "loss_curve", "log"):
+        assert Path(res[key]).exists(), key
+    log = [json.loads(line) for line in Path(res["log"]).read_text().splitlines()]
+    assert log[-1]["step"] == 12 and all(np.isfinite(r["loss"]) for r in log)
+    _, state = weights(res["out"])
+    assert state["step"] == 12
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+    """12 steps straight vs a run that crashes after step 6 (checkpoint at 4) and resumes."""
+    full = L.train(tiny(tmp_path / "a"), progress=False)
+
+    real_ema_update = L.EMA.update
+    calls = {"n": 0}
+
+    def crash_after_6(self, model, batch):
+        real_ema_update(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(L.EMA, "update", crash_after_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        L.train(tiny(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(L.EMA, "update", real_ema_update)
+    assert weights(tmp_path / "b" / "run")[1]["step"] == 4
+    L.train(tiny(tmp_path / "b", resume=True), progress=False)
+
+    (ta, sa), (tb, sb) = weights(full["out"]), weights(tmp_path / "b" / "run")
+    assert sa["step"] == sb["step"] == 12
+    for group in ("model", "ema", "optimizer"):
+        for k in ta[group]:
+            assert torch.equal(ta[group][k], tb[group][k]), (group, k)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    L.train(tiny(tmp_path, steps=4), progress=False)
+    with pytest.raises(ValueError, match="differs in"):
+        L.train(tiny(tmp_path, steps=8, resume=True, parametrization="eps"), progress=False)
+
+
+def test_non_finite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
+    real = L.losses.denoising_loss
+    state = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        state["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if state["n"] in (3, 4) else out
+    monkeypatch.setattr(L.losses, "denoising_loss", sometimes_nan)
+    L.train(tiny(tmp_path), progress=False)  # two bad steps in a row < max_bad_steps: skipped
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12
+
+    monkeypatch.setattr(L.losses, "denoising_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
+        L.train(tiny(tmp_path / "x", max_bad_steps=3), progress=False)
+
+
+# ---------------------------------------------------------------- processes: CLI, SIGINT, torchrun
+def _cli(*args):
+    return [sys.executable, "-m", "unifusion", *args]
+
+
+def _train_args(out, **kw):
+    cfg = {**TINY, **kw, "out": str(out)}
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def test_sigint_saves_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(_cli("train", *_train_args(out, steps=100000, checkpoint_every=100000, log_every=1)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 5) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, text
+    assert "--resume" in text
+    _, state = checkpoint.load(out)
+    assert state["step"] >= 5
+    res = subprocess.run(_cli("train", *_train_args(out, steps=state["step"] + 3, resume="true")),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert checkpoint.load(out)[1]["step"] == state["step"] + 3
+
+
+def _torchrun(nproc, out, **kw):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "unifusion", "train", *_train_args(out, **kw)]
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    """Same global batch: 2 gloo ranks (16 each) vs 1 rank (32), and vs 1 rank with 2 accumulation steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kw = dict(steps=6, checkpoint_every=6)
+    runs = {"one": _cli("train", *_train_args(tmp_path / "one", **kw)),
+            "two": _torchrun(2, tmp_path / "two", **kw),
+            "accum": _cli("train", *_train_args(tmp_path / "accum", grad_accum=2, **kw))}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-3000:])
+    ref = weights(tmp_path / "one")[0]["model"]
+    for name in ("two", "accum"):
+        other = weights(tmp_path / name)[0]["model"]
+        for k in ref:
+            torch.testing.assert_close(other[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
+
+
+def test_a_dying_rank_ends_the_run(tmp_path):
+    """kill -9 one worker: torchrun stops the others and exits non-zero instead of hanging."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFUSION_DIST_TIMEOUT": "30"}
+    p = subprocess.Popen(_torchrun(2, out, steps=100000, checkpoint_every=100000, log_every=1),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.3)
+    assert log.exists(), "training never started"
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    try:
+        p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("the run hung after a rank died")
+    assert p.returncode != 0
+
+
+# ---------------------------------------------------------------- unifusion sample
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "run"
+    cfg = C.from_dict({"data": "digits", "steps": 3, "batch_size": 16, "checkpoint_every": 3, "sample_every": 0,
+                       "sample_nfe": 2, "warmup_steps": 1, "out": str(out)})
+    L.train(cfg, progress=False)
+    return out
+
+
+def test_sample_cli_writes_the_contract(digits_run, tmp_path):
+    from unifusion.cli import main
+    npz, png = tmp_path / "s.npz", tmp_path / "g.png"
+    assert main(["sample", "--checkpoint", str(digits_run), "--sampler", "euler", "--nfe", "4",
+                 "--seeds", "0-7", "--out", str(npz), "--grid", str(png)]) == 0
+    f = np.load(npz)
+    assert f["x"].shape == (8, 1, 8, 8) and f["x"].dtype == np.float32
+    assert f["x"].min() >= -1 and f["x"].max() <= 1
+    assert f["y"].tolist() == [s % 10 for s in range(8)]
+    assert png.stat().st_size > 0
+    # a sample depends only on its seed, not on the batch it was drawn in
+    npz2 = tmp_path / "t.npz"
+    assert main(["sample", "--checkpoint", str(digits_run), "--sampler", "euler", "--nfe", "4",
+                 "--seeds", "5,6", "--out", str(npz2)]) == 0
+    np.testing.assert_allclose(np.load(npz2)["x"], f["x"][5:7], atol=1e-6)
+
+
+def test_sample_cli_bad_checkpoints(tmp_path, capsys):
+    from unifusion.cli import main
+    assert main(["sample", "--checkpoint", str(tmp_path / "nope"), "--n", "2", "--out", str(tmp_path / "a.npz")]) == 2
+    assert "nope" in capsys.readouterr().err
+    pkl = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pkl)
+    assert main(["sample", "--checkpoint", str(pkl), "--n", "2", "--out", str(tmp_path / "a.npz")]) == 2
+    assert "pickle" in capsys.readouterr().err
