@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# train the embedded default (class-conditional digits), sample it, then the exact-mixture sampler demo
 demo: $(STAMP)
-	$(PY) -m unifusion demo
+	$(PY) -m unifusion train
+	$(PY) -m unifusion sample --checkpoint runs/digits --sampler dpmpp_2m --nfe 20 --seeds 0-99 \
+		--out runs/digits/samples.npz --grid runs/digits/samples_grid.png
+	$(PY) -m unifusion demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -220,3 +220,24 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys):
     torch.save({"w": torch.zeros(2)}, pkl)
     assert main(["sample", "--checkpoint", str(pkl), "--n", "2", "--out", str(tmp_path / "a.npz")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains(tmp_path):
+    res = L.train(tiny(tmp_path, precision="bf16", steps=6), progress=False)
+    log = [json.loads(line) for line in Path(res["log"]).read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_data_the_network_cannot_take(tmp_path):
+    """RGB images into the 1-channel digits UNet: one clear error naming the shapes."""
+    from unifusion import data
+    rgb = data.ArrayDataset(torch.rand(40, 3, 8, 8) * 2 - 1, torch.arange(40) % 10)
+    path = tmp_path / "rgb.npz"
+    np.savez(path, x=((rgb.x.numpy() + 1) * 127.5).round().astype(np.uint8), y=rgb.y.numpy())
+    with pytest.raises(ValueError, match=r"shape \(3, 8, 8\)"):
+        L.train(C.from_dict({"data": str(path), "steps": 2, "batch_size": 16, "out": str(tmp_path / "r")}), progress=False)
+
+
+def test_image_options_only_for_folders(tmp_path):
+    with pytest.raises(ValueError, match="only to image folders"):
+        L.train(tiny(tmp_path, image_size=16), progress=False)

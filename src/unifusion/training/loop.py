@@ -81,7 +81,7 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     # ---- data and model
-    ds = datasets.load(cfg.data)
+    ds = datasets.load(cfg.data, **data_options(cfg))
     num_classes = ds.num_classes if cfg.class_conditional else 0
     B = cfg.batch_size
     if B % (world * cfg.grad_accum):
@@ -129,6 +129,7 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     per_epoch = len(sampler) // (B // world)
     log_path = out / "log.jsonl"
+    tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     bad, epoch_cache, t0, last_ckpt, interrupted = state.get("bad_steps", 0), (None, None), time.time(), None, False
@@ -192,6 +193,9 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
                        "bad_steps": bad, "time": round(time.time() - t0, 2)}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if tb is not None:
+                    tb.add_scalar("loss", rec["loss"], done)
+                    tb.add_scalar("lr", rec["lr"], done)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 window = []
             bar.update(1)
@@ -204,6 +208,8 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
                 interrupted = True
                 break
     bar.close()
+    if tb is not None:
+        tb.close()
     result = {"out": str(out), "log": str(log_path), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "interrupted": interrupted, "rank": rank}
     if rank == 0 and not interrupted:
@@ -211,6 +217,25 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
         result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
     dist.cleanup()
     return result
+
+
+def data_options(cfg: C.TrainConfig) -> dict:
+    """The image-folder options, passed only where they apply."""
+    if not Path(cfg.data).is_dir():
+        if cfg.image_size or cfg.channels or cfg.skip_corrupt:
+            raise ValueError("image_size / channels / skip_corrupt apply only to image folders, "
+                             f"and data={cfg.data!r} is not a folder")
+        return {}
+    return {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
+
+
+def _tensorboard(out: Path):
+    """A SummaryWriter when tensorboard is installed, else None (the JSONL log is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(out / "tensorboard"))
+    except Exception:  # tensorboard missing or broken: not needed
+        return None
 
 
 def _check_shapes(model, ds, num_classes, device):
