@@ -190,7 +190,7 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
             window.append(float(total))
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
                 rec = {"step": done, "loss": sum(window) / len(window), "lr": lr_at(cfg, step),
-                       "bad_steps": bad, "time": round(time.time() - t0, 2)}
+                       "bad_steps": bad, "time": round(time.time() - t0, 4)}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if tb is not None:
