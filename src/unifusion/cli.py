@@ -19,7 +19,7 @@ def _main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="sample an exact 2-D Gaussian mixture with several samplers and plot it")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
-    tr = sub.add_parser("train", help="train a model; no arguments trains the embedded default (digits)",
+    sub.add_parser("train", help="train a model; no arguments trains the embedded default (digits)",
                         description="unifusion train [CONFIG.yaml] [--key value ...]: any TrainConfig key, "
                                     "e.g. --data moons --network mlp-2d --steps 2000 --out runs/moons --resume")
     sm = sub.add_parser("sample", help="sample a trained checkpoint into an .npz (and a grid PNG)")

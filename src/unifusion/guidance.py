@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _bc(c, x):
-    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+from .parametrizations import _bc
 
 
 def classifier_free(denoiser, scale: float, uncond: dict, batched: bool = True):

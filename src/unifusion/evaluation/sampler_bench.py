@@ -34,6 +34,7 @@ import torch
 
 from .. import samplers as uf_samplers
 from ..samplers import grids as uf_grids
+from ..samplers.registry import largest_steps
 from .mixture import GaussianMixture
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -64,14 +65,6 @@ class Runner:
 
 def _full(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-
-
-def _largest_n(cost: Callable[[int], int], nfe: int) -> int:
-    """The most grid levels n (>= 1) whose call count fits the budget."""
-    n = 1
-    while cost(n + 1) <= nfe:
-        n += 1
-    return n
 
 
 # --------------------------------------------------------------------------- unifusion
@@ -171,7 +164,7 @@ def kdiffusion_runners(grid: str = "karras") -> list[Runner]:
     out = []
     for label, (fname, kwargs, cost) in KD_SAMPLERS.items():
         def run(denoiser, noise, nfe, _f=getattr(kd, fname), _kw=kwargs, _cost=cost):
-            sigmas = kd_sigmas(kd, _largest_n(_cost, nfe), grid).to(noise.dtype)
+            sigmas = kd_sigmas(kd, largest_steps(_cost, nfe), grid).to(noise.dtype)
             # k-diffusion calls model(x, sigma * s_in): sigma is a (B,) tensor, as unifusion's contract
             return _f(lambda x, sigma: denoiser(x, sigma), noise, sigmas, disable=True, **_kw)
         out.append(Runner(label, run))
@@ -483,7 +476,7 @@ def _timing_table(nfe, repeats, peers, shape) -> str:
     def free(x, sigma):
         return x * 0.5
 
-    heun_n = _largest_n(lambda n: 2 * n - 1, nfe)
+    heun_n = largest_steps(lambda n: 2 * n - 1, nfe)
     steps = {"euler": nfe, "dpmpp_2m": nfe, "heun": heun_n, "unipc": nfe}  # grid intervals per solve
     rows = {k: {} for k in steps}
     for name in steps:

@@ -27,10 +27,15 @@ class Spec:
     def steps_for(self, nfe: int, options: dict | None = None) -> int:
         """The most grid steps whose cost fits in `nfe` denoiser calls (at least 1)."""
         opts = {**self.defaults, **(options or {})}
-        steps = 1
-        while self.cost(steps + 1, opts) <= nfe:
-            steps += 1
-        return steps
+        return largest_steps(lambda n: self.cost(n, opts), nfe)
+
+
+def largest_steps(cost: Callable[[int], int], nfe: int) -> int:
+    """The most steps n >= 1 with cost(n) <= nfe (cost increasing in n)."""
+    n = 1
+    while cost(n + 1) <= nfe:
+        n += 1
+    return n
 
 
 _REGISTRY: dict[str, Spec] = {}

@@ -29,8 +29,8 @@ def load(path: str | Path, use_ema: bool = True, device: str = "cpu") -> tuple[D
     cfg = C.from_dict(state["config"])
     model = build(cfg, state["num_classes"])
     weights = tensors["ema"] if use_ema and "ema" in tensors else tensors["model"]
-    missing = model.net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("__")}, strict=True)
-    del missing
+    # the EMA stores its bookkeeping under "__"-prefixed keys next to the weights
+    model.net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("__")}, strict=True)
     return model.to(device).eval(), cfg, state
 
 
