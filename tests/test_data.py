@@ -63,6 +63,8 @@ def test_digits():
     torch.testing.assert_close(ds.x[:, 0], torch.from_numpy(raw.images).float() / 16 * 2 - 1)
     train, test = data.load("digits", split="train"), data.digits("test")
     assert len(train) == 1500 and len(test) == 297
+    assert torch.equal(data.load("digits-train").x, train.x) and torch.equal(data.load("digits-test").y, test.y)
+    assert {"digits", "digits-train", "digits-test"} <= set(data.names())
     assert torch.equal(torch.cat([train.x, test.x]), ds.x) and torch.equal(torch.cat([train.y, test.y]), ds.y)
     with pytest.raises(ValueError, match="split"):
         data.digits("valid")

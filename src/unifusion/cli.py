@@ -33,6 +33,19 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional)")
     sm.add_argument("--label", type=int, default=None, help="one class for all samples (default seed %% classes)")
     sm.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    ev = sub.add_parser("eval", help="sample a checkpoint and score it: FID/KID/precision/recall, accuracy, "
+                                     "copy rate, time; --sweep over samplers x NFE (x CFG scale)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Draw N samples per setting (seeds 0..N-1) and score them against the "
+                                    "training data; writes eval.csv, eval.json and plots to <run>/eval.",
+                        epilog="examples:\n"
+                               "  unifusion eval --checkpoint runs/digits                      # dpmpp_2m, NFE 20\n"
+                               "  unifusion eval --checkpoint runs/digits --sampler heun --nfe 35 --nll 297\n"
+                               "  unifusion eval --checkpoint runs/digits --sweep --grid karras,tuned\n"
+                               "  unifusion eval --checkpoint runs/digits --sweep --samplers dpmpp_2m --nfes 20 "
+                               "--cfg-scales 0,1,1.5,2,3,5")
+    from .evaluation.evaluate import add_arguments
+    add_arguments(ev)
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench.add_argument("what", choices=["samplers"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -60,6 +73,9 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "sample":
         from .training.sample_cli import run_sample
         run_sample(args)
+    elif args.command == "eval":
+        from .evaluation.evaluate import run as run_eval
+        run_eval(args)
     elif args.command == "bench":
         from .evaluation.sampler_bench import main as bench_main
         return bench_main(args.rest) or 0

@@ -17,7 +17,7 @@ from . import losses, parametrizations, processes
 @dataclass
 class TrainConfig:
     # what to learn
-    data: str = "digits"                # toy name, "digits", an image folder or a .npz file
+    data: str = "digits-train"          # toy name, "digits[-train|-test]", an image folder or a .npz file
     image_size: int = 0                 # image folders: resize + center-crop to this (0 = keep)
     channels: int = 0                   # image folders: 1 or 3 (0 = infer)
     skip_corrupt: bool = False          # image folders: skip unreadable files (counted) instead of failing

@@ -17,7 +17,7 @@ __all__ = ["ArrayDataset", "load", "names", "toys", "digits", "image_folder", "n
 
 def names() -> list[str]:
     """The named datasets `load` accepts (besides paths to image folders and .npz files)."""
-    return toys.names() + ["digits"]
+    return toys.names() + ["digits", "digits-train", "digits-test"]
 
 
 def _toy(name: str, n: int = 10_000, seed: int = 0) -> ArrayDataset:
@@ -40,7 +40,8 @@ def load(spec: str, **options) -> ArrayDataset:
     """A dataset from its spec.
 
     spec: a toy name ("gmm", "moons", "checkerboard", "swissroll", "rings"; options n=10000,
-    seed=0), "digits" (option split="all" | "train" | "test"), a directory (an image folder;
+    seed=0), "digits" (option split="all" | "train" | "test"; "digits-train" and "digits-test"
+    name the splits), a directory (an image folder;
     options image_size, channels, skip_corrupt) or an existing .npz file (options key, label_key,
     float_range). Names win over paths; write "./digits" to load a folder called digits.
     """
@@ -49,6 +50,8 @@ def load(spec: str, **options) -> ArrayDataset:
         return _call(_toy, spec, options, spec)
     if spec == "digits":
         return _call(digits, spec, options)
+    if spec in ("digits-train", "digits-test"):
+        return _call(digits, spec, options, spec.split("-")[1])
     p = Path(spec).expanduser()
     if p.is_dir():
         return _call(image_folder, spec, options, p)

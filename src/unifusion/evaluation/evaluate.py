@@ -1,0 +1,395 @@
+"""`unifusion eval`: sample a trained checkpoint and score the samples.
+
+Per setting (sampler, NFE, grid, CFG scale) it draws N samples with seeds 0..N-1 (the same
+noise for every setting, so rows differ only by the sampler) and reports
+
+- FID, KID and k-NN precision/recall against the model's training data, in a feature space:
+  the shipped digits CNN for 8x8 gray images, Inception-v3 when `--inception FILE` is given,
+  else the raw values (2-D toys);
+- class accuracy of the samples under the shipped digits classifier (conditional digits models);
+- copy rate: the fraction of samples that are near-copies of a training image (pixel space);
+- wall-clock sampling time.
+
+Alongside, the held-out split (when the data has one) scored the same way as if it were a set
+of samples: the value a perfect model would get at that sample size. `--nll N` adds the PF-ODE
+bits/dim of N held-out images (Hutchinson divergence, uniform dequantization; see `nll`).
+
+Reference features and statistics are cached as .npz next to the outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import data as datasets
+from .. import samplers
+from ..likelihood import bits_per_dim, dequantize, log_likelihood
+from . import features as fx
+from . import metrics
+
+DEFAULT_SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "lms")
+DEFAULT_NFES = (5, 10, 20, 50)
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+# ------------------------------------------------------------------------------ reference
+class RawFeatures:
+    """Identity features: the flattened values (for low-dimensional data such as the 2-D toys)."""
+
+    name = "raw"
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(x).flatten(1).float()
+
+
+def feature_extractor(shape: tuple, inception: str | None = None):
+    """Inception-v3 from a user file, the shipped digits CNN for (1, 8, 8) images, else raw values."""
+    if inception:
+        return fx.InceptionV3Features.from_file(inception)
+    if tuple(shape) == (1, 8, 8):
+        return fx.digits_features()
+    if len(shape) == 3 and math.prod(shape) > 64:
+        raise ValueError(f"no built-in feature network for images of shape {tuple(shape)}: pass "
+                         f"--inception FILE (Inception-v3 weights as safetensors) for FID on such data")
+    return RawFeatures(math.prod(shape))
+
+
+def held_out_spec(data_spec: str) -> tuple[str, dict] | None:
+    """The dataset (spec, options) a model trained on `data_spec` has not seen, if there is one."""
+    from ..data import toys
+    if data_spec == "digits-train":
+        return "digits-test", {}
+    if data_spec in toys.TOYS:  # toys are sampled: another seed is fresh data
+        return data_spec, {"n": 2000, "seed": 1_000_003}
+    return None
+
+
+@dataclass
+class Reference:
+    train: datasets.ArrayDataset     # what the model was trained on (copy-rate reference)
+    feats: np.ndarray                # (N, D) features of train
+    stats: metrics.Stats             # their mean and covariance
+    held_out: datasets.ArrayDataset | None
+    extractor: object
+    stats_path: Path
+
+
+def _fingerprint(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) -> Reference:
+    """Training data, its features and statistics; features and statistics are read from
+    `cache_dir` when a cache written for the same data (by content hash) and extractor exists."""
+    train = datasets.load(data_spec, **data_options)
+    held = held_out_spec(data_spec)
+    held_out = datasets.load(held[0], **held[1]) if held else None
+    meta = {"data": data_spec, "n": len(train), "features": extractor.name, "sha1": _fingerprint(train.x)}
+    stem = f"ref-{Path(data_spec).name or 'data'}-{extractor.name}"
+    feats_path, stats_path = cache_dir / f"{stem}-features.npz", cache_dir / f"{stem}-stats.npz"
+    feats = None
+    if feats_path.is_file() and stats_path.is_file():
+        with np.load(feats_path, allow_pickle=False) as f:
+            if str(f["meta"]) == json.dumps(meta, sort_keys=True):
+                feats = f["feats"].astype(np.float64)
+    if feats is None:
+        feats = fx.extract(extractor, train.x)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(feats_path, feats=feats.astype(np.float32), meta=np.array(json.dumps(meta, sort_keys=True)))
+        metrics.cache_stats(stats_path, feats, meta)
+    return Reference(train, feats, metrics.load_stats(stats_path), held_out, extractor, stats_path)
+
+
+# ------------------------------------------------------------------------------ scoring
+@dataclass
+class Row:
+    sampler: str
+    nfe: int
+    grid: str
+    cfg_scale: float
+    n: int
+    fid: float
+    kid: float
+    precision: float
+    recall: float
+    accuracy: float | None  # conditional digits only
+    copy_rate: float
+    seconds: float          # wall-clock time to draw the n samples (0 for real data)
+
+
+def score(x: torch.Tensor, y: torch.Tensor | None, ref: Reference, label: dict) -> Row:
+    """Scores of samples x (N, ...) in [-1, 1] (labels y when conditional) against `ref`."""
+    f = fx.extract(ref.extractor, x)
+    mu, cov = metrics.feature_stats(f)
+    k = metrics.kid(f, ref.feats, subsets=50, subset_size=1000)
+    pr = metrics.precision_recall(ref.feats, f, k=3)
+    acc = None
+    if y is not None and isinstance(ref.extractor, fx.DigitsFeatures):
+        acc = fx.digits_accuracy(x, y, ref.extractor)
+    return Row(n=len(x), fid=metrics.frechet_distance(mu, cov, ref.stats.mu, ref.stats.cov), kid=k.mean,
+               precision=pr.precision, recall=pr.recall, accuracy=acc,
+               copy_rate=metrics.copy_rate(x, ref.train.x).rate, **label)
+
+
+def real_data_row(ref: Reference) -> Row | None:
+    """The held-out split scored as if it were samples: what a perfect model gets at that N."""
+    if ref.held_out is None:
+        return None
+    return score(ref.held_out.x.clamp(-1, 1), ref.held_out.y if ref.held_out.num_classes else None, ref,
+                 dict(sampler="held-out data", nfe=0, grid="-", cfg_scale=1.0, seconds=0.0))
+
+
+def evaluate(model, shape: tuple, num_classes: int, ref: Reference, sampler: str, nfe: int, n: int,
+             grid: str = "karras", cfg_scale: float = 1.0, batch_size: int = 500, device: str = "cpu",
+             first_seed: int = 0, **options) -> Row:
+    """One row: N samples (seeds first_seed.., labels seed % classes) drawn and scored. options go
+    to `training.model.generate` (sigma_max, process for the ddpm grid, sampler options)."""
+    from ..training.model import generate
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, y = generate(model, shape, list(range(first_seed, first_seed + n)), sampler, nfe, num_classes,
+                        cfg_scale=cfg_scale, batch_size=batch_size, device=device, grid=grid, **options)
+    seconds = time.perf_counter() - t0
+    return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=grid, cfg_scale=cfg_scale, seconds=seconds))
+
+
+# ------------------------------------------------------------------------------ likelihood
+def quantization(data: datasets.ArrayDataset) -> int | None:
+    """The number of evenly spaced levels of the data in [-1, 1] (17 for digits, 256 for 8-bit
+    images), or None for continuous data."""
+    for levels in (17, 256):
+        k = (data.x.double() + 1) / 2 * (levels - 1)
+        if torch.allclose(k, k.round(), atol=1e-4):
+            return levels
+    return None
+
+
+def nll(model, data: datasets.ArrayDataset, num_classes: int, n: int, probes: int = 1, seed: int = 0,
+        batch_size: int = 500, device: str = "cpu") -> dict:
+    """Negative log-likelihood of the first n examples of `data` through the PF-ODE, in bits/dim.
+
+    Discrete data with L levels spaced delta = 2 / (L - 1) apart is dequantized uniformly inside
+    the bin centred on each level, x + (u - 1/2) delta with u ~ U[0, 1)^dim; then
+    -log2 P(x) <= -log2 p(x + (u - 1/2) delta) - dim log2 delta (a variational bound; with L = 256
+    this is the usual CIFAR-10 convention up to where the bins are centred). Continuous data gets
+    -log2 p(x) / dim. Conditional models are scored unconditionally (the null label): log p(x).
+    The divergence is Hutchinson's estimator with `probes` Rademacher probes (64 dims make the
+    exact trace 64 backward passes per call); RK45 at rtol = atol = 1e-5.
+    """
+    x = data.x[:n].to(device)
+    levels = quantization(data)
+    g = torch.Generator(device=device).manual_seed(seed)
+    dim = x[0].numel()
+    out, nfe = [], 0
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size].double()
+        cond = {"y": torch.full((len(xb),), num_classes, device=device)} if num_classes else {}
+        if levels:
+            delta = 2 / (levels - 1)
+            xb = dequantize(xb - delta / 2, levels, levels * delta, generator=g)
+        model_d = _Float64(model)
+        lp, calls = log_likelihood(model_d, xb, SIGMA_MIN, SIGMA_MAX, cond=cond, divergence="hutchinson",
+                                   probes=probes, generator=g)
+        nfe = max(nfe, calls)
+        out.append(bits_per_dim(lp, dim, levels, levels * 2 / (levels - 1)) if levels
+                   else -lp / (dim * math.log(2)))
+    bpd = torch.cat(out)
+    return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))), "n": len(bpd),
+            "levels": levels, "nfe": nfe, "probes": probes}
+
+
+class _Float64:
+    """Runs a float32 denoiser on float64 states (the ODE state is float64) and returns float64."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, sigma, **cond):
+        return self.model(x.float(), sigma.float(), **cond).double()
+
+
+# ------------------------------------------------------------------------------ output
+COLUMNS = ("sampler", "nfe", "grid", "cfg_scale", "n", "fid", "kid", "precision", "recall", "accuracy",
+           "copy_rate", "seconds")
+
+
+def table(rows: list[Row]) -> str:
+    """A markdown table of rows."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+        return str(v)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+
+
+def plot_sweep(rows: list[Row], path: Path, floor: Row | None = None) -> Path:
+    """FID vs NFE, one line per (sampler, grid), at the first CFG scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scale = rows[0].cfg_scale
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key in dict.fromkeys((r.sampler, r.grid) for r in rows):
+        pts = sorted((r.nfe, r.fid) for r in rows if (r.sampler, r.grid) == key and r.cfg_scale == scale)
+        ax.plot(*zip(*pts), marker="o", label=key[0] + ("" if key[1] == "karras" else f" ({key[1]})"))
+    if floor is not None:
+        ax.axhline(floor.fid, color="k", ls=":", label=f"held-out data (n={floor.n})")
+    ax.set(xscale="log", yscale="log", xlabel="NFE (denoiser calls)", ylabel="FID",
+           title=f"FID vs NFE (cfg scale {scale:g})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cfg(rows: list[Row], path: Path) -> Path:
+    """FID against classifier accuracy across CFG scales, one line per (sampler, NFE)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key in dict.fromkeys((r.sampler, r.nfe) for r in rows):
+        pts = sorted((r.cfg_scale, r.accuracy, r.fid) for r in rows if (r.sampler, r.nfe) == key)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"{key[0]}, NFE {key[1]}")
+        for w, a, f in pts:
+            ax.annotate(f"w={w:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="classifier accuracy of samples", ylabel="FID", title="FID vs accuracy across CFG scales w")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ CLI
+def _floats(text: str, what: str, cast=float) -> list:
+    try:
+        vals = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: cannot read {text!r}; give a comma-separated list, e.g. 5,10,20") from None
+    if not vals:
+        raise ValueError(f"{what}: empty list")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation (default dpmpp_2m)")
+    p.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the single evaluation")
+    p.add_argument("--grid", default="karras", help="sigma grid(s), e.g. karras or karras,tuned (default karras)")
+    p.add_argument("--sigma-max", type=float, default=SIGMA_MAX,
+                   help="starting noise level (default 80; a DDPM model's top level for its native grid)")
+    p.add_argument("--sweep", action="store_true", help="every sampler in --samplers x every NFE in --nfes")
+    p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="samplers of the sweep")
+    p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
+    p.add_argument("--cfg-scales", default="1", help="classifier-free guidance scales, e.g. 1,1.5,2,3 (1 = conditional)")
+    p.add_argument("--n", type=int, default=1500, help="samples per setting (default 1500)")
+    p.add_argument("--nll", type=int, default=0, metavar="N", help="also PF-ODE bits/dim of N held-out examples")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll (default 1)")
+    p.add_argument("--inception", default=None, help="Inception-v3 weights (.safetensors) for FID on other images")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def run_dir(checkpoint) -> Path:
+    """The run folder a checkpoint path belongs to (outputs go next to the run, never inside a
+    checkpoint folder, which pruning may delete)."""
+    p = Path(checkpoint)
+    if p.is_file():
+        p = p.parent
+    if p.name.startswith("step-") and p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p.parent if p.name == "checkpoints" else p
+
+
+def run(args) -> dict:
+    from ..training.loop import data_options
+    from ..training.model import load
+    if args.n < 4:
+        raise ValueError(f"--n must be >= 4 (precision/recall use 3 nearest neighbours), got {args.n}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, state = load(args.checkpoint, use_ema=not args.no_ema, device=device)
+    shape, nc = tuple(state["shape"]), state["num_classes"]
+    out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    scales = _floats(args.cfg_scales, "--cfg-scales")
+    if any(s != 1 for s in scales) and not nc:
+        raise ValueError("--cfg-scales other than 1 need a class-conditional model; this one is unconditional")
+    if args.sweep:
+        names, nfes = _floats(args.samplers, "--samplers", str), _floats(args.nfes, "--nfes", int)
+    else:
+        names, nfes = [args.sampler], [args.nfe]
+    grid_names = _floats(args.grid, "--grid", str)
+    unknown_grids = [g for g in grid_names if g not in samplers.grids.GRIDS and g != "native"]
+    if unknown_grids:
+        raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {sorted(samplers.grids.GRIDS) + ['native']}")
+    unknown = [s for s in names if s not in samplers.names()]
+    if unknown:
+        raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
+    if min(nfes) < 1:
+        raise ValueError(f"NFE must be >= 1, got {min(nfes)}")
+
+    ref = reference(cfg.data, data_options(cfg), feature_extractor(shape, args.inception), out)
+    print(f"model: {args.checkpoint} (step {state['step']}, {cfg.process}/{cfg.parametrization}, "
+          f"{'EMA' if not args.no_ema else 'raw'} weights); reference: {cfg.data} ({len(ref.train)} images), "
+          f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}")
+    floor = real_data_row(ref)
+    settings = [(s, k, g, w) for w in scales for g in grid_names for s in names for k in nfes]
+    rows = []
+    from tqdm.auto import tqdm
+    for s, k, g, w in tqdm(settings, desc="eval", disable=len(settings) < 2):
+        rows.append(evaluate(model, shape, nc, ref, s, k, args.n, g, w, args.batch_size, device,
+                             process=model.process, sigma_max=args.sigma_max))
+    shown = rows + ([floor] if floor else [])
+    print(table(shown))
+    if floor:
+        print(f"(the held-out row scores {floor.n} real held-out images as if they were samples: FID is biased "
+              f"upwards at small n, so compare rows at equal n)")
+    write_csv(shown, out / "eval.csv")
+    result = {"checkpoint": str(args.checkpoint), "step": state["step"], "reference": cfg.data,
+              "features": ref.extractor.name, "rows": [dataclasses.asdict(r) for r in shown]}
+    if args.sweep and len(nfes) > 1:
+        result["plot"] = str(plot_sweep(rows, out / "sweep.png", floor))
+    if nc and len(scales) > 1 and rows[0].accuracy is not None:
+        result["cfg_plot"] = str(plot_cfg(rows, out / "cfg.png"))
+    if args.nll:
+        data = ref.held_out if ref.held_out is not None else ref.train
+        which = "held-out" if ref.held_out is not None else "training (no held-out split known)"
+        r = nll(model, data, nc, args.nll, args.probes, batch_size=args.batch_size, device=device)
+        result["nll"] = {**r, "data": which}
+        how = f"uniform dequantization, {r['levels']} levels" if r["levels"] else "continuous data"
+        print(f"NLL: {r['bits_per_dim']:.3f} +- {r['stderr']:.3f} bits/dim on {r['n']} {which} examples "
+              f"(PF-ODE, {how}, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE steps)")
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'eval.csv'} and {out / 'eval.json'}"
+          + "".join(f" and {result[k]}" for k in ("plot", "cfg_plot") if k in result))
+    return result
