@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peer install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# train the embedded default (class-conditional digits), sample it, then the exact-mixture sampler demo
+# train the embedded default (class-conditional digits), sample it, score the samples, then the exact-mixture sampler demo
 demo: $(STAMP)
 	$(PY) -m unifusion train
 	$(PY) -m unifusion sample --checkpoint runs/digits --sampler dpmpp_2m --nfe 20 --seeds 0-99 \
 		--out runs/digits/samples.npz --grid runs/digits/samples_grid.png
+	$(PY) -m unifusion eval --checkpoint runs/digits
 	$(PY) -m unifusion demo --out runs/demo
 
 test: $(STAMP)
@@ -34,6 +35,30 @@ $(VENV)/.bench: $(STAMP)
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/samplers.py
+
+# denoising-diffusion-pytorch needs torchvision, which does not import beside the CPU torch 2.13.0
+# build; both sides of that benchmark run in their own venv with torch 2.14.1 + torchvision 0.29.1
+# (a CUDA build, ~5.5 GB, taken from this machine's disk; it runs on the CPU). About an hour.
+PEER := .venv-peer
+$(PEER)/.installed: pyproject.toml
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
+		denoising-diffusion-pytorch==2.3.4 psutil
+	$(PEER)/bin/pip install -q --disable-pip-version-check -e . torch==2.14.1
+	touch $@
+
+BUDGET ?= 10
+bench-peer: $(PEER)/.installed
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py train --side ours --budget-cpu-min $(BUDGET) --out runs/vs/ours
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py train --side ours --unconditional --budget-cpu-min $(BUDGET) \
+		--out runs/vs/ours-uncond
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py train --side peer --budget-cpu-min $(BUDGET) \
+		--out runs/vs/peer-readme --n-samples 500
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py train --side peer --peer-config small \
+		--budget-cpu-min $(BUDGET) --out runs/vs/peer-small
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py report runs/vs/ours runs/vs/ours-uncond runs/vs/peer-readme runs/vs/peer-small
+	$(PEER)/bin/python benchmarks/vs_ddpm_pytorch.py report runs/vs/ours runs/vs/ours-uncond runs/vs/peer-readme runs/vs/peer-small \
+		--n 500 --json runs/vs/report-n500.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

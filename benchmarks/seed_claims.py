@@ -6,6 +6,8 @@
    sampler. "Best" is chosen among every deterministic sampler x {karras, tuned} grid on seeds
    n..2n-1 and then reported on seeds 0..n-1 like every other row, so the choice is not fitted
    to the samples it is scored on.
+3. The scale to read them on: FID of dpmpp_2m at NFE 20 on `--blocks` disjoint seed blocks
+   (`--noise-only` prints just this).
 
 Every row uses the same seeds (the same starting noise and labels) and the same grid family
 (`--grid`, default karras with sigma in [0.002, 80]; a DDPM-process model can use its own
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", default="euler,heun,ddim,dpmpp_2m,dpmpp_3m,dpmpp_2s,unipc,ipndm,lms",
                    help="deterministic samplers searched for the best at NFE 10")
     p.add_argument("--out", default=None, help="JSON output (default <run>/eval/seed_claims.json)")
+    p.add_argument("--blocks", type=int, default=4,
+                   help="seed blocks for the FID noise estimate (dpmpp_2m, NFE 20, seeds k n..(k+1) n - 1)")
+    p.add_argument("--noise-only", action="store_true", help="only the FID noise estimate")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, cfg, state = load(args.checkpoint)
@@ -46,8 +51,18 @@ def main(argv=None) -> int:
     opts = dict(process=model.process, sigma_max=args.sigma_max)
 
     def row(sampler, nfe, grid=args.grid, first_seed=0, **kw):
-        return E.evaluate(model, shape, nc, ref, sampler, nfe, args.n, grid, first_seed=first_seed, **opts, **kw)
+        r = E.evaluate(model, shape, nc, ref, sampler, nfe, args.n, grid, first_seed=first_seed, **opts, **kw)
+        print(f"  {sampler:>10} NFE {nfe:<4} {grid:<7} seeds {first_seed}..: FID {r.fid:.3f} ({r.seconds:.1f} s)",
+              flush=True)  # progress: the DDPM row alone takes minutes
+        return r
 
+    # how much FID moves when only the seeds change: the scale on which rows below differ
+    noise = [row("dpmpp_2m", 20, first_seed=k * args.n).fid for k in range(args.blocks)]
+    spread = f"FID of dpmpp_2m NFE 20 on {args.blocks} disjoint seed blocks of {args.n}: " + \
+        ", ".join(f"{f:.3f}" for f in noise) + f" (std {torch.tensor(noise).std():.3f})"
+    print(spread)
+    if args.noise_only:
+        return 0
     t0 = time.time()
     rows = [row("ddim", k) for k in (10, 20, 50, 100)] + [row("ddpm", 1000)]
     rows += [row("heun", 10), row("dpmpp_2m", 10)]
@@ -65,12 +80,14 @@ def main(argv=None) -> int:
     print(f"model {args.checkpoint} (step {state['step']}), n = {args.n} per row, grid {args.grid}, "
           f"{time.time() - t0:.0f} s")
     print(E.table(rows + ([floor] if floor else [])))
+    print(spread)
     print("NFE-10 candidates on seeds n..2n-1 (FID): "
           + ", ".join(f"{s}/{g} {f:.2f}" for (s, g), f in sorted(scouting.items(), key=lambda kv: kv[1])))
     out = Path(args.out) if args.out else E.run_dir(args.checkpoint) / "eval" / "seed_claims.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "held_out": floor.__dict__ if floor else None,
-                               "scouting": {f"{s}/{g}": f for (s, g), f in scouting.items()}}, indent=1))
+                               "scouting": {f"{s}/{g}": f for (s, g), f in scouting.items()},
+                               "seed_block_fids": noise}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -232,7 +232,7 @@ def table(rows: list[Row]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+            return "0" if v == 0 else f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
         return str(v)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
@@ -248,20 +248,29 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 
 def plot_sweep(rows: list[Row], path: Path, floor: Row | None = None) -> Path:
-    """FID vs NFE, one line per (sampler, grid), at the first CFG scale."""
+    """FID vs NFE at the first CFG scale: one colour per sampler, one line style per grid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     scale = rows[0].cfg_scale
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for key in dict.fromkeys((r.sampler, r.grid) for r in rows):
-        pts = sorted((r.nfe, r.fid) for r in rows if (r.sampler, r.grid) == key and r.cfg_scale == scale)
-        ax.plot(*zip(*pts), marker="o", label=key[0] + ("" if key[1] == "karras" else f" ({key[1]})"))
+    rows = [r for r in rows if r.cfg_scale == scale]
+    colours = {s: plt.cm.tab10(i % 10) if i < 10 else plt.cm.Dark2(i % 8)
+               for i, s in enumerate(dict.fromkeys(r.sampler for r in rows))}
+    styles = {g: ["-", "--", ":", "-."][i % 4] for i, g in enumerate(dict.fromkeys(r.grid for r in rows))}
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
+    for s, g in dict.fromkeys((r.sampler, r.grid) for r in rows):
+        pts = sorted((r.nfe, r.fid) for r in rows if (r.sampler, r.grid) == (s, g))
+        ax.plot(*zip(*pts), marker="o", ms=4, color=colours[s], ls=styles[g],
+                label=s + ("" if len(styles) == 1 else f" / {g}"))
     if floor is not None:
-        ax.axhline(floor.fid, color="k", ls=":", label=f"held-out data (n={floor.n})")
-    ax.set(xscale="log", yscale="log", xlabel="NFE (denoiser calls)", ylabel="FID",
-           title=f"FID vs NFE (cfg scale {scale:g})")
-    ax.legend(fontsize=8)
+        ax.axhline(floor.fid, color="k", ls=":", lw=1, label=f"held-out data (n={floor.n})")
+    nfes = sorted({r.nfe for r in rows})
+    ax.set(xscale="log", yscale="log", xlabel="NFE (denoiser calls)", ylabel=f"FID (n={rows[0].n})",
+           title=f"FID vs NFE (cfg scale {scale:g})" + ("" if len(styles) == 1 else
+                                                         ": " + ", ".join(f"{st} {g}" for g, st in styles.items())))
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(styles) // 3)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,19 +279,29 @@ def plot_sweep(rows: list[Row], path: Path, floor: Row | None = None) -> Path:
 
 
 def plot_cfg(rows: list[Row], path: Path) -> Path:
-    """FID against classifier accuracy across CFG scales, one line per (sampler, NFE)."""
+    """Left: FID against classifier accuracy across CFG scales, one line per (sampler, NFE).
+    Right: precision, recall and accuracy against the scale (the fidelity / diversity trade)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for key in dict.fromkeys((r.sampler, r.nfe) for r in rows):
-        pts = sorted((r.cfg_scale, r.accuracy, r.fid) for r in rows if (r.sampler, r.nfe) == key)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"{key[0]}, NFE {key[1]}")
-        for w, a, f in pts:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for i, key in enumerate(dict.fromkeys((r.sampler, r.nfe) for r in rows)):
+        pts = sorted((r.cfg_scale, r.accuracy, r.fid, r.precision, r.recall) for r in rows
+                     if (r.sampler, r.nfe) == key)
+        name = f"{key[0]}, NFE {key[1]}"
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)
+        for w, a, f, *_ in pts:
             ax.annotate(f"w={w:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ws = [p[0] for p in pts]
+        for j, what in ((3, "precision"), (4, "recall"), (1, "accuracy")):
+            bx.plot(ws, [p[j] for p in pts], marker="o", color=f"C{j - 1}", ls=["-", "--", ":"][i % 3],
+                    label=f"{what} ({name})")
     ax.set(xlabel="classifier accuracy of samples", ylabel="FID", title="FID vs accuracy across CFG scales w")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    bx.set(xlabel="guidance scale w (0: unconditional, 1: conditional)", ylabel="score",
+           title="precision / recall / accuracy vs w")
+    for a in (ax, bx):
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
