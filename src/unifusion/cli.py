@@ -20,8 +20,8 @@ def _main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("train", help="train a model; no arguments trains the embedded default (digits)",
-                        description="unifusion train [CONFIG.yaml] [--key value ...]: any TrainConfig key, "
-                                    "e.g. --data moons --network mlp-2d --steps 2000 --out runs/moons --resume")
+                   description="unifusion train [CONFIG.yaml] [--key value ...]: any TrainConfig key, "
+                               "e.g. --data moons --network mlp-2d --steps 2000 --out runs/moons --resume")
     sm = sub.add_parser("sample", help="sample a trained checkpoint into an .npz (and a grid PNG)")
     sm.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
     sm.add_argument("--sampler", default="dpmpp_2m")

@@ -11,7 +11,8 @@ noise for every setting, so rows differ only by the sampler) and reports
 - wall-clock sampling time.
 
 Alongside, the held-out split (when the data has one) scored the same way as if it were a set
-of samples: the value a perfect model would get at that sample size. `--nll N` adds the PF-ODE
+of samples: a reference point from real unseen data (at its own, often smaller, sample size, so
+FID is biased upwards relative to the rows). `--nll N` adds the PF-ODE
 bits/dim of N held-out images (Hutchinson divergence, uniform dequantization; see `nll`).
 
 Reference features and statistics are cached as .npz next to the outputs.
@@ -145,7 +146,7 @@ def score(x: torch.Tensor, y: torch.Tensor | None, ref: Reference, label: dict) 
 
 
 def real_data_row(ref: Reference) -> Row | None:
-    """The held-out split scored as if it were samples: what a perfect model gets at that N."""
+    """The held-out split scored as if it were samples: real unseen data as a reference point."""
     if ref.held_out is None:
         return None
     return score(ref.held_out.x.clamp(-1, 1), ref.held_out.y if ref.held_out.num_classes else None, ref,
@@ -279,16 +280,17 @@ def plot_sweep(rows: list[Row], path: Path, floor: Row | None = None) -> Path:
 
 
 def plot_cfg(rows: list[Row], path: Path) -> Path:
-    """Left: FID against classifier accuracy across CFG scales, one line per (sampler, NFE).
+    """Left: FID against classifier accuracy across CFG scales, one line per (sampler, NFE, grid).
     Right: precision, recall and accuracy against the scale (the fidelity / diversity trade)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for i, key in enumerate(dict.fromkeys((r.sampler, r.nfe) for r in rows)):
+    several_grids = len({r.grid for r in rows}) > 1
+    for i, key in enumerate(dict.fromkeys((r.sampler, r.nfe, r.grid) for r in rows)):
         pts = sorted((r.cfg_scale, r.accuracy, r.fid, r.precision, r.recall) for r in rows
-                     if (r.sampler, r.nfe) == key)
-        name = f"{key[0]}, NFE {key[1]}"
+                     if (r.sampler, r.nfe, r.grid) == key)
+        name = f"{key[0]}, NFE {key[1]}" + (f", {key[2]}" if several_grids else "")
         ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=name)
         for w, a, f, *_ in pts:
             ax.annotate(f"w={w:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -407,7 +409,7 @@ def run(args) -> dict:
         result["nll"] = {**r, "data": which}
         how = f"uniform dequantization, {r['levels']} levels" if r["levels"] else "continuous data"
         print(f"NLL: {r['bits_per_dim']:.3f} +- {r['stderr']:.3f} bits/dim on {r['n']} {which} examples "
-              f"(PF-ODE, {how}, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE steps)")
+              f"(PF-ODE, {how}, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE function evaluations)")
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'eval.csv'} and {out / 'eval.json'}"
           + "".join(f" and {result[k]}" for k in ("plot", "cfg_plot") if k in result))
