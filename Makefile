@@ -38,7 +38,7 @@ bench: $(VENV)/.bench
 
 # denoising-diffusion-pytorch needs torchvision, which does not import beside the CPU torch 2.13.0
 # build; both sides of that benchmark run in their own venv with torch 2.14.1 + torchvision 0.29.1
-# (a CUDA build, ~5.5 GB, taken from this machine's disk; it runs on the CPU). About an hour.
+# (a CUDA build, ~5.5 GB, taken from this machine's disk; it runs on the CPU). About 75 minutes on 2 cores.
 PEER := .venv-peer
 $(PEER)/.installed: pyproject.toml
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
