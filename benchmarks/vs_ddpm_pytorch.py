@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 PEER_CONFIGS = {"readme": dict(dim=64, dim_mults=(1, 2, 4, 8)), "small": dict(dim=32, dim_mults=(1, 2))}
-CAL_STEPS = (5, 35)  # warmup run, measured run: per-step cost = difference / 30
+CAL_STEPS = (5, 35)  # short and long timed runs: per-step cost = difference / 30
 CAL_FRACTION = 0.05  # if 30 steps cost less than this share of the budget, measure over that many
 
 
@@ -218,16 +218,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def evaluate(x, y, train_x, train_f, ex) -> dict:
-    from unifusion.evaluation import features, metrics
-    f = features.extract(ex, x)
-    k = metrics.kid(f, train_f)
-    pr = metrics.precision_recall(train_f, f)
-    return dict(fid=metrics.fid(f, train_f), kid=k.mean, kid_std=k.std, precision=pr.precision,
-                recall=pr.recall, copy_rate=metrics.copy_rate(x, train_x).rate,
-                accuracy=features.digits_accuracy(x, y, ex) if y is not None else None)
-
-
 def plot_samples(rows: list[dict], path: Path, k: int = 100) -> None:
     """The first k samples of each side, side by side, titled with its FID."""
     import matplotlib
@@ -253,19 +243,25 @@ def plot_samples(rows: list[dict], path: Path, k: int = 100) -> None:
 
 
 def cmd_report(args) -> int:
-    from unifusion import data
+    import dataclasses
+    from unifusion.evaluation import evaluate as E
     from unifusion.evaluation import features
-    ex = features.digits_features()
-    train, test = data.digits(split="train"), data.digits(split="test")
-    train_f = features.extract(ex, train.x)
-    rows = [dict(name="data: test split", n=len(test), **evaluate(test.x, test.y, train.x, train_f, ex))]
+    # the same reference and scores as `unifusion eval` (digits-CNN features of the training split)
+    ref = E.reference("digits-train", {}, features.digits_features(), Path(args.dirs[0]).resolve().parent)
+
+    def scores(x, y) -> dict:
+        row = dataclasses.asdict(E.score(x, y, ref, dict(sampler="", nfe=0, grid="", cfg_scale=1.0, seconds=0.0)))
+        return {k: row[k] for k in ("fid", "kid", "precision", "recall", "copy_rate", "accuracy")}
+
+    test = ref.held_out
+    rows = [dict(name="data: test split", n=len(test), **scores(test.x, test.y))]
     for d in map(Path, args.dirs):
         t = json.loads((d / "timing.json").read_text())
         with np.load(d / "samples.npz") as s:
             x = torch.from_numpy(s["x"])[:args.n]
             y = torch.from_numpy(s["y"])[:args.n] if "y" in s.files else None
         t["n"] = len(x)
-        rows.append(dict(dir=str(d), **t, **evaluate(x, y, train.x, train_f, ex)))
+        rows.append(dict(dir=str(d), **t, **scores(x, y)))
     cols = [("name", "side", "{}"), ("n", "n", "{}"), ("steps", "steps", "{}"), ("params", "params (M)", "{:.2f}"),
             ("train_cpu_s", "train CPU min", "{:.2f}"), ("budget_ratio", "% of budget", "{:.0f}"),
             ("train_wall_s", "train wall min", "{:.2f}"),
@@ -278,9 +274,9 @@ def cmd_report(args) -> int:
     for r in rows:
         cells = [("-" if r.get(k) is None else fmt.format(r[k] * scale.get(k, 1))) for k, _, fmt in cols]
         print("| " + " | ".join(cells) + " |")
-    print(f"\nFID/KID/precision/recall in the digits-CNN feature space vs the {len(train)} training digits; "
-          "copy rate in pixel space vs the same; the first row is the data's own floor (the 297 held-out test "
-          "digits; FID is biased upwards at small n, so compare rows of equal n).")
+    print(f"\nFID/KID/precision/recall in the digits-CNN feature space vs the {len(ref.train)} training digits; "
+          "copy rate in pixel space vs the same; the first row scores the 297 held-out test digits as if they "
+          "were samples, a reference point (FID is biased upwards at small n, so compare rows of equal n).")
     path = Path(args.json) if args.json else Path(args.dirs[0]).resolve().parent / "report.json"
     path.write_text(json.dumps(rows, indent=1))
     grid = path.with_suffix(".png")

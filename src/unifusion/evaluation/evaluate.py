@@ -194,19 +194,21 @@ def nll(model, data: datasets.ArrayDataset, num_classes: int, n: int, probes: in
     levels = quantization(data)
     g = torch.Generator(device=device).manual_seed(seed)
     dim = x[0].numel()
+    # likelihood.dequantize / bits_per_dim take bins of width data_range / levels starting at x;
+    # our levels sit delta = 2 / (L - 1) apart at the bin centres: shift by delta / 2, and pass
+    # data_range = L * delta so that their bin width is delta
+    delta = 2 / (levels - 1) if levels else None
+    model_d = _Float64(model)
     out, nfe = [], 0
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size].double()
         cond = {"y": torch.full((len(xb),), num_classes, device=device)} if num_classes else {}
         if levels:
-            delta = 2 / (levels - 1)
             xb = dequantize(xb - delta / 2, levels, levels * delta, generator=g)
-        model_d = _Float64(model)
         lp, calls = log_likelihood(model_d, xb, SIGMA_MIN, SIGMA_MAX, cond=cond, divergence="hutchinson",
                                    probes=probes, generator=g)
         nfe = max(nfe, calls)
-        out.append(bits_per_dim(lp, dim, levels, levels * 2 / (levels - 1)) if levels
-                   else -lp / (dim * math.log(2)))
+        out.append(bits_per_dim(lp, dim, levels, levels * delta) if levels else -lp / (dim * math.log(2)))
     bpd = torch.cat(out)
     return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))), "n": len(bpd),
             "levels": levels, "nfe": nfe, "probes": probes}
@@ -311,7 +313,7 @@ def plot_cfg(rows: list[Row], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _floats(text: str, what: str, cast=float) -> list:
+def _items(text: str, what: str, cast=float) -> list:
     try:
         vals = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -362,14 +364,14 @@ def run(args) -> dict:
     shape, nc = tuple(state["shape"]), state["num_classes"]
     out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    scales = _floats(args.cfg_scales, "--cfg-scales")
+    scales = _items(args.cfg_scales, "--cfg-scales")
     if any(s != 1 for s in scales) and not nc:
         raise ValueError("--cfg-scales other than 1 need a class-conditional model; this one is unconditional")
     if args.sweep:
-        names, nfes = _floats(args.samplers, "--samplers", str), _floats(args.nfes, "--nfes", int)
+        names, nfes = _items(args.samplers, "--samplers", str), _items(args.nfes, "--nfes", int)
     else:
         names, nfes = [args.sampler], [args.nfe]
-    grid_names = _floats(args.grid, "--grid", str)
+    grid_names = _items(args.grid, "--grid", str)
     unknown_grids = [g for g in grid_names if g not in samplers.grids.GRIDS and g != "native"]
     if unknown_grids:
         raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {sorted(samplers.grids.GRIDS) + ['native']}")
