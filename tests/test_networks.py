@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unifusion.models.conditioning import ClassConditioning
 from unifusion.networks import DiT, MLP, PRESETS, UNet, build, count_parameters
 from unifusion.networks.layers import Attention, sinusoidal_embedding
 from unifusion.networks.unet import AttnBlock, ResBlock, Upsample
@@ -16,6 +17,7 @@ from unifusion.networks.unet import AttnBlock, ResBlock, Upsample
 TINY = {
     "mlp-2d": dict(hidden=32, depth=2, emb_dim=16),
     "unet-digits": dict(model_channels=8),
+    "unet-32": dict(model_channels=8, resolution=8, attn_resolutions=(2,), num_heads=2),
     "unet-cifar": dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, resolution=8,
                        attn_resolutions=(4,), num_heads=2),
     "dit-s2": dict(input_size=8, hidden_size=32, depth=2, num_heads=2),
@@ -34,13 +36,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(name, **kw):
+class Labelled(torch.nn.Module):
+    """A network with the model layer's class conditioning in front: net(x, c, y) with labels
+    0..K-1, K the null label and y=None all-null (networks themselves take an embedding)."""
+
+    def __init__(self, net, num_classes):
+        super().__init__()
+        self.inner, self.cond = net, ClassConditioning(num_classes, net.emb_dim)
+
+    def forward(self, x, c, y=None):
+        return self.inner(x, c, **self.cond.net_kwargs({"y": y} if y is not None else None, x.shape[0]))
+
+
+def tiny(name, num_classes=0, **kw):
     torch.manual_seed(0)
-    return build(name, **{**TINY[name], **kw})
+    net = build(name, **{**TINY[name], **kw})
+    return Labelled(net, num_classes) if num_classes else net
 
 
 def example_input(net, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
+    net = getattr(net, "inner", net)
     if isinstance(net, MLP):
         shape = (batch, net.dim)
     elif isinstance(net, UNet):
@@ -169,7 +185,7 @@ def test_mlp_learns_a_conditional_map():
     # Predicting zero scores E|target|^2 / 2 = 1 per coordinate; a network that learned the map
     # must explain most of that on held-out points
     torch.manual_seed(0)
-    net = MLP(dim=2, hidden=64, depth=3, emb_dim=32, num_classes=3)
+    net = Labelled(MLP(dim=2, hidden=64, depth=3, emb_dim=32), 3)
 
     def batch(n, g):
         x, c, y = torch.randn(n, 2, generator=g), torch.rand(n, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -266,7 +282,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     ckpt = tiny(name, num_classes=NUM_CLASSES, gradient_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x, c, y = example_input(plain, batch=4), torch.rand(4), torch.tensor([0, 1, 2, NUM_CLASSES])
-    block_type = ResBlock if name.startswith("unet") else type(ckpt.blocks[0])
+    block_type = ResBlock if name.startswith("unet") else type(ckpt.inner.blocks[0])
     calls = []
     # a pre-hook: non-reentrant recomputation stops early, before a forward hook would fire
     next(m for m in ckpt.modules() if isinstance(m, block_type)).register_forward_pre_hook(lambda *a: calls.append(1))
@@ -285,11 +301,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 def test_conditioning_errors():
     net = tiny("mlp-2d")
     x = example_input(net)
-    with pytest.raises(ValueError, match="unconditional"):
-        net(x, torch.rand(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(3, 16\)"):  # an embedding of the wrong width
+        net(x, torch.rand(3), torch.zeros(3, 5))
     cond = tiny("mlp-2d", num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match="0..5"):
+    with pytest.raises(ValueError, match="0..4"):
         cond(x, torch.rand(3), torch.tensor([0, 1, NUM_CLASSES + 1]))
+
+
+def test_descriptions_hold_every_argument_and_rebuild_the_same_network():
+    from unifusion.networks import check_description, describe, from_description
+    desc = describe("unet-digits", model_channels=8)
+    assert desc["class"] == "UNet" and desc["kwargs"]["model_channels"] == 8
+    assert desc["kwargs"]["channel_mult"] == [1, 2] and "dropout" in desc["kwargs"]  # defaults written out
+    torch.manual_seed(0)
+    a = from_description(desc)
+    torch.manual_seed(0)
+    b = build("unet-digits", model_channels=8)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="no argument.*widht"):
+        check_description({"class": "UNet", "kwargs": {"in_channels": 1, "widht": 3}})
+    with pytest.raises(ValueError, match="unknown network class"):
+        check_description({"class": "ResNet", "kwargs": {}})
+    with pytest.raises(ValueError, match="needs argument"):
+        check_description({"class": "UNet", "kwargs": {}})
 
 
 def test_unknown_preset_names_the_valid_ones():

@@ -1,154 +1,309 @@
 """Typed configuration: the one place where names become classes.
 
 A run is a `TrainConfig`. It comes from defaults, then an optional YAML file, then `--key value`
-overrides (dashes or underscores); an unknown key is an error that suggests the nearest valid one.
+overrides (dashes or underscores); an unknown key is an error that suggests the nearest valid
+one. Three keys hold keyword arguments: `network_args`, `process_args` and `density_args`, set
+in YAML as mappings or on the command line as `--network.model_channels 32`,
+`--process.sigma_max 50`, `--density.p_mean -1.0`.
+
+`model_spec(cfg, source)` turns a config and its data into the ModelSpec saved with the model.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import losses, parametrizations, processes
+from . import densities, parametrizations, processes
+
+GROUPS = ("data", "model", "optimisation", "run")
+NOISE_DENSITIES = ("lognormal", "uniform_t", "logit_normal", "discrete")
+WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
+# keys a resumed run may change: they do not alter what is being learned
+RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
+               "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite"}
+PREFIXES = {"network": "network_args", "process": "process_args", "density": "density_args"}
+
+
+def opt(default, group: str, help: str):
+    kw = {"default_factory": dict} if default == {} else {"default": default}
+    return field(metadata={"group": group, "help": help}, **kw)
 
 
 @dataclass
 class TrainConfig:
-    # what to learn
-    data: str = "digits-train"          # toy name, "digits[-train|-test]", an image folder or a .npz file
-    image_size: int = 0                 # image folders: resize + center-crop to this (0 = keep)
-    channels: int = 0                   # image folders: 1 or 3 (0 = infer)
-    skip_corrupt: bool = False          # image folders: skip unreadable files (counted) instead of failing
-    process: str = "edm"                # processes.PROCESSES
-    parametrization: str = "edm"        # parametrizations.PARAMETRIZATIONS
-    sigma_data: float = 0.5             # EDM preconditioning / weighting
-    noise_density: str = "lognormal"    # lognormal | uniform_t | logit_normal | discrete
-    weighting: str = "native"           # losses.weighting names
-    network: str = "unet-digits"        # networks.PRESETS
-    class_conditional: bool = True      # use labels when the data has them
-    cond_drop: float = 0.1              # label dropout for classifier-free guidance
-    # optimisation
-    steps: int = 2400                   # the default run: about 4.5 minutes on 2 CPU cores
-    batch_size: int = 128               # global: over all ranks and accumulation
-    grad_accum: int = 1
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"         # constant | cosine (after warmup)
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0              # max gradient norm; 0 = off
-    ema_half_life: float = 20000.0      # in training samples (EDM2)
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (fp16 only on GPU)
-    compile: bool = False
-    grad_checkpointing: bool = False
-    max_bad_steps: int = 10             # abort after this many non-finite losses in a row
-    # bookkeeping
-    out: str = "runs/digits"
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    sample_every: int = 800             # sample grid every N steps (0 = only at the end)
-    sample_sampler: str = "dpmpp_2m"
-    sample_nfe: int = 20
-    log_every: int = 10
-    resume: bool = False
-    device: str = "auto"                # auto | cpu | cuda
+    # ---- data
+    data: str = opt("digits-train", "data", "toy name, digits[-train|-test], an image folder or an .npz file")
+    image_size: int = opt(0, "data", "image folders: resize + center-crop to this size (0 = keep)")
+    channels: int = opt(0, "data", "image folders: 1 or 3 (0 = infer)")
+    skip_corrupt: bool = opt(False, "data", "image folders: skip unreadable files instead of failing")
+    num_workers: int = opt(0, "data", "DataLoader worker processes decoding images (0 = in the main process)")
+    # ---- model
+    family: str = opt("diffusion", "model", "model family (models.FAMILIES)")
+    process: str = opt("edm", "model", "noise process: " + ", ".join(sorted(processes.PROCESSES)))
+    process_args: dict = opt({}, "model", "process arguments, e.g. --process.sigma_max 50 (VE), "
+                                          "--process.schedule cosine (DDPM)")
+    parametrization: str = opt("edm", "model", "what the network predicts: "
+                               + ", ".join(sorted(parametrizations.PARAMETRIZATIONS)))
+    sigma_data: float = opt(0.5, "model", "data std for EDM preconditioning and the 'edm' weighting")
+    noise_density: str = opt("lognormal", "model", "training noise levels p(sigma): " + ", ".join(NOISE_DENSITIES))
+    density_args: dict = opt({}, "model", "noise-density arguments, e.g. --density.p_mean -1.0")
+    weighting: str = opt("native", "model", "loss weight lambda(sigma): " + ", ".join(WEIGHTINGS))
+    shift: float = opt(1.0, "model", "SD3 time shift, used by the logit_normal density and the sd3 grid")
+    network: str = opt("unet-digits", "model", "network preset (networks.PRESETS); its arguments can be changed")
+    network_args: dict = opt({}, "model", "network arguments over the preset's, e.g. --network.model_channels 32")
+    class_conditional: bool = opt(True, "model", "condition on labels when the data has them")
+    cond_drop: float = opt(0.1, "model", "label dropout for classifier-free guidance")
+    sigma_min: float = opt(0.0, "model", "default sampling sigma_min (0 = the process's own range)")
+    sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
+    grid: str = opt("native", "model", "default sampling grid (native = the process's own discretization)")
+    # ---- optimisation
+    steps: int = opt(2400, "optimisation", "training steps (the default run: about 4 minutes on 2 CPU cores)")
+    batch_size: int = opt(128, "optimisation", "global batch: over all ranks and accumulation steps")
+    grad_accum: int = opt(1, "optimisation", "gradient accumulation steps")
+    lr: float = opt(2e-3, "optimisation", "peak learning rate (AdamW)")
+    lr_schedule: str = opt("cosine", "optimisation", "constant | cosine (after warmup)")
+    warmup_steps: int = opt(200, "optimisation", "linear learning-rate warmup steps")
+    weight_decay: float = opt(0.0, "optimisation", "AdamW weight decay")
+    grad_clip: float = opt(1.0, "optimisation", "max gradient norm (0 = off)")
+    ema_half_life: float = opt(20000.0, "optimisation", "EMA half-life in training samples (EDM2)")
+    precision: str = opt("fp32", "optimisation", "fp32 | bf16 | fp16 (fp16 only on GPU)")
+    compile: bool = opt(False, "optimisation", "torch.compile the model for training")
+    grad_checkpointing: bool = opt(False, "optimisation", "recompute activations in backward to save memory")
+    max_bad_steps: int = opt(10, "optimisation", "abort after this many non-finite losses in a row")
+    threads: int = opt(0, "optimisation", "CPU threads per process (0 = auto, see README; OMP_NUM_THREADS wins)")
+    # ---- run
+    out: str = opt("runs/digits", "run", "run folder (one run per folder)")
+    seed: int = opt(0, "run", "seed of weights, data order and every random draw")
+    checkpoint_every: int = opt(500, "run", "checkpoint every N steps")
+    keep_checkpoints: int = opt(3, "run", "how many checkpoints to keep")
+    sample_every: int = opt(800, "run", "preview grid every N steps (0 = only at the end)")
+    sample_sampler: str = opt("dpmpp_2m", "run", "sampler of the preview grids")
+    sample_nfe: int = opt(20, "run", "denoiser calls of the preview grids")
+    log_every: int = opt(10, "run", "log the loss every N steps")
+    resume: bool = opt(False, "run", "continue the run in --out from its latest checkpoint and stored config")
+    overwrite: bool = opt(False, "run", "delete an existing run in --out and start a new one")
+    device: str = opt("auto", "run", "auto | cpu | cuda")
 
     def validate(self) -> "TrainConfig":
+        from . import models, samplers
+        from .samplers import grids
+        _choice("family", self.family, models.FAMILIES)
         _choice("process", self.process, processes.PROCESSES)
         _choice("parametrization", self.parametrization, parametrizations.PARAMETRIZATIONS)
         _choice("noise_density", self.noise_density, NOISE_DENSITIES)
+        _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_nfe"):
+        _choice("sample_sampler", self.sample_sampler, samplers.names())
+        _choice("grid", self.grid, list(grids.GRIDS) + ["native"])
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_nfe",
+                     "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "warmup_steps", "image_size", "channels", "num_workers", "threads",
+                     "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "sigma_data", "ema_half_life", "shift"):
+            if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
+                raise ValueError(f"{flag(name)} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.cond_drop <= 1:
-            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--cond-drop must be in [0, 1], got {self.cond_drop}")
+        if self.channels not in (0, 1, 3):
+            raise ValueError(f"--channels must be 0 (infer), 1 or 3, got {self.channels}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: give one")
+        if self.shift != 1 and self.noise_density not in ("logit_normal",) and self.grid not in ("native", "sd3"):
+            raise ValueError("--shift applies to the logit_normal noise density and the sd3 grid; "
+                             "use --noise-density logit_normal and/or --grid sd3")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-NOISE_DENSITIES = ("lognormal", "uniform_t", "logit_normal", "discrete")
+def flag(key: str) -> str:
+    """A config key as its command-line flag: batch_size -> --batch-size."""
+    return "--" + key.replace("_", "-")
 
 
 def _choice(key, value, valid):
     if value not in valid:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of {sorted(valid)}")
+        raise ValueError(f"{flag(key)} {value!r} is not valid; choose one of {sorted(valid)}")
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
 
 
 def _coerce(key: str, value, typ):
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{flag(key)} expects a mapping of argument: value, got {value!r}")
+        return {str(k): _scalar(v) for k, v in value.items()}
     if isinstance(value, str) and typ is not str:
         if typ is bool:
             low = value.lower()
             if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{key} expects true/false, got {value!r}")
+                raise ValueError(f"{flag(key)} expects true/false, got {value!r}")
             return low in ("true", "1", "yes")
         try:
             return typ(value)
         except ValueError:
-            raise ValueError(f"{key} expects {typ.__name__}, got {value!r}") from None
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"{flag(key)} expects {typ.__name__}, got {value!r}") from None
+    # YAML `steps: true` is a bool, and bool is an int in Python: refuse it for numbers
+    if typ in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{flag(key)} expects {typ.__name__}, got the boolean {value!r}")
+    if typ is float and isinstance(value, int):
         return float(value)
-    if typ is not str and not isinstance(value, typ):
-        raise ValueError(f"{key} expects {typ.__name__}, got {value!r}")
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ):
+        raise ValueError(f"{flag(key)} expects {typ.__name__}, got {value!r}")
     return value
+
+
+def _scalar(v):
+    """A command-line argument value as YAML reads it (32 -> int, 1e-3 -> float, [1, 2] -> list)."""
+    if not isinstance(v, str):
+        return v
+    import yaml
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def normalise(values: dict) -> dict:
+    """Dashes to underscores; `network.X: v` into `network_args: {X: v}` (likewise process., density.)."""
+    out: dict = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        head, dot, rest = key.partition(".")
+        if dot and head in PREFIXES:
+            out.setdefault(PREFIXES[head], {})[rest] = _scalar(value)
+        else:
+            out[key] = value
+    return out
 
 
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
     """Apply `values` on top of `base` (defaults); unknown keys raise with a suggestion."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    types = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type] for f in fields(TrainConfig)}
-    for raw_key, value in values.items():
-        key = raw_key.replace("-", "_")
+    types = {f.name: _TYPES[f.type] for f in fields(TrainConfig)}
+    for key, value in normalise(values).items():
         if key not in types:
             near = difflib.get_close_matches(key, list(types), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {sorted(types)}"
-            raise ValueError(f"unknown config key {raw_key!r}{hint}")
-        setattr(cfg, key, _coerce(key, value, types[key]))
+            hint = f"; did you mean {flag(near[0])}?" if near else "; see unifusion train --help"
+            raise ValueError(f"unknown config key {flag(key)}{hint}")
+        value = _coerce(key, value, types[key])
+        if types[key] is dict:  # arguments merge into the base's
+            value = {**getattr(cfg, key), **value}
+        setattr(cfg, key, value)
     return cfg.validate()
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"config file {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of key: value")
+    return values
 
 
 def load(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- YAML file (if any) <- overrides."""
-    values = {}
-    if path:
-        import yaml
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of key: value")
+    values = read_yaml(path) if path else {}
     cfg = from_dict(values)
     return from_dict(overrides or {}, cfg)
 
 
+def resumed(stored: dict, given: dict) -> TrainConfig:
+    """The stored config of a run with the given keys applied; only RESUME_SAFE keys may change."""
+    base = from_dict({k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}})
+    changed = from_dict(given, base)
+    differ = [k for k in normalise(given) if k not in RESUME_SAFE and getattr(changed, k) != getattr(base, k)]
+    if differ:
+        raise ValueError(f"--resume continues the stored run, whose {', '.join(flag(k) for k in differ)} "
+                         f"cannot change (stored: {', '.join(repr(getattr(base, k)) for k in differ)}); "
+                         f"only {', '.join(flag(k) for k in sorted(RESUME_SAFE - {'resume', 'overwrite'}))} may; "
+                         "start a new run in another --out instead")
+    return dataclasses.replace(changed, resume=True)
+
+
+def help_text() -> str:
+    """Every key with type, default and description, grouped (for `unifusion train --help`)."""
+    lines = []
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for f in fields(TrainConfig):
+            if f.metadata["group"] != group:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else {}
+            lines.append(f"  {flag(f.name):<22} {f.type:<5} (default {default!r})\n"
+                         f"  {'':<22} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 def save(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    from .safeio import atomic_write
+    atomic_write(path, json.dumps(cfg.to_dict(), indent=1))
 
 
-def make_process(cfg: TrainConfig) -> processes.Process:
-    return processes.get(cfg.process)
+def data_options(cfg: TrainConfig) -> dict:
+    """The image-folder options, passed only where they apply."""
+    if not Path(cfg.data).is_dir():
+        if cfg.image_size or cfg.channels or cfg.skip_corrupt:
+            raise ValueError("--image-size / --channels / --skip-corrupt apply only to image folders, "
+                             f"and --data {cfg.data!r} is not a folder")
+        return {}
+    return {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
 
 
-def make_parametrization(cfg: TrainConfig) -> parametrizations.Parametrization:
-    if cfg.parametrization == "edm":
-        return parametrizations.EDMPrecond(cfg.sigma_data)
-    return parametrizations.get(cfg.parametrization)
-
-
-def make_noise_density(cfg: TrainConfig, process: processes.Process) -> losses.NoiseDensity:
-    if cfg.noise_density == "lognormal":
-        return losses.LogNormal()
-    if cfg.noise_density == "uniform_t":
-        return losses.UniformT(process)
-    if cfg.noise_density == "logit_normal":
-        return losses.LogitNormalT()
-    return losses.DiscreteUniform(process)
+# ------------------------------------------------------------------------------ the model spec
+def model_spec(cfg: TrainConfig, source):
+    """The ModelSpec a config trains on this data source."""
+    from . import networks
+    from .models import ModelSpec
+    process = processes.get(cfg.process, **cfg.process_args)
+    net_args = dict(cfg.network_args)
+    if cfg.grad_checkpointing:
+        net_args["gradient_checkpointing"] = True
+    param_kwargs = {"sigma_data": cfg.sigma_data} if cfg.parametrization == "edm" else {}
+    density_kwargs = dict(cfg.density_args)
+    if cfg.noise_density == "logit_normal" and cfg.shift != 1:
+        density_kwargs.setdefault("shift", cfg.shift)
+    densities.make(cfg.noise_density, process, **density_kwargs)  # unknown arguments fail here, before step 0
+    grid = {"name": cfg.grid, "kwargs": {}}
+    if cfg.shift != 1 and cfg.grid in ("native", "sd3"):
+        grid = {"name": "sd3", "kwargs": {"shift": cfg.shift}}
+    lo, hi = process.sigma_range()
+    # a process whose time starts at sigma = 0 (flow) samples down to EDM's 0.002
+    sigma_min = cfg.sigma_min or (lo if lo > 0 else 0.002)
+    sigma_max = cfg.sigma_max or hi
+    num_classes = source.num_classes if cfg.class_conditional else 0
+    conditioning = ({"kind": "class", "num_classes": num_classes, "drop": cfg.cond_drop,
+                     "class_names": source.class_names} if num_classes else {"kind": "none"})
+    data_range = [-1.0, 1.0] if getattr(source, "kind", "image") in ("image", "vector") else None
+    return ModelSpec(
+        family=cfg.family, network=networks.describe(cfg.network, **net_args),
+        process={"name": cfg.process, "kwargs": process.kwargs()},
+        parametrization={"name": cfg.parametrization, "kwargs": param_kwargs},
+        sigma_min=float(sigma_min), sigma_max=float(sigma_max), grid=grid, conditioning=conditioning,
+        data={"kind": "pixel", "shape": list(source.shape), "range": data_range, "source": str(cfg.data),
+              "options": data_options(cfg)},
+        training={"noise_density": {"name": cfg.noise_density, "kwargs": density_kwargs},
+                  "weighting": cfg.weighting, "sigma_data": cfg.sigma_data},
+    ).validate()

@@ -62,8 +62,21 @@ class Parametrization:
         """lambda(sigma) with ||F - target||^2 = lambda ||D - x0||^2."""
         return self.c_out(sigma) ** -2
 
+    def at_infinity(self) -> tuple[float, float]:
+        """(lim sigma c_skip(sigma), lim c_out(sigma)) as sigma -> inf.
+
+        With x = sigma n, D(x, sigma) -> skip * n + out * F(n, c_noise(inf)): the limit that lets a
+        flow model start at t = 1 exactly (the network input c_in x tends to n, since both
+        s(t) sigma and sigma / sqrt(sigma^2 + sd^2) tend to 1)."""
+        raise ValueError(f"the {self.name} parametrization has no finite denoiser at sigma = inf; "
+                         "sample from a finite sigma_max instead")
+
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+    def kwargs(self) -> dict:
+        """Constructor arguments, JSON-able (a saved model spec rebuilds it from these)."""
+        return {}
 
 
 def _bc(c: Tensor, x: Tensor) -> Tensor:
@@ -94,6 +107,9 @@ class X0(Parametrization):
     def c_out(self, sigma):
         return torch.ones_like(sigma)
 
+    def at_infinity(self):
+        return 0.0, 1.0
+
 
 class V(Parametrization):
     """v-prediction (Salimans & Ho 2022), sigma-domain form."""
@@ -106,6 +122,9 @@ class V(Parametrization):
     def c_out(self, sigma):
         return -sigma * (1 + sigma**2).rsqrt()
 
+    def at_infinity(self):
+        return 0.0, -1.0  # sigma / (1 + sigma^2) -> 0, -sigma / sqrt(1 + sigma^2) -> -1
+
 
 class Velocity(Parametrization):
     """Flow-matching velocity u = n - x_0 (Lipman et al. 2023, Liu et al. 2023)."""
@@ -117,6 +136,9 @@ class Velocity(Parametrization):
 
     def c_out(self, sigma):
         return -sigma / (1 + sigma)
+
+    def at_infinity(self):
+        return 1.0, -1.0  # D -> n - F: the flow velocity u = n - x_0 read at t = 1
 
 
 class EDMPrecond(Parametrization):
@@ -139,8 +161,15 @@ class EDMPrecond(Parametrization):
     def c_noise(self, sigma, process):
         return sigma.log() / 4
 
+    def at_infinity(self):
+        raise ValueError("EDM preconditioning feeds ln(sigma)/4 to the network, which is infinite at "
+                         "sigma = inf; sample from a finite sigma_max instead")
+
     def __repr__(self):
         return f"EDMPrecond(sigma_data={self.sigma_data})"
+
+    def kwargs(self) -> dict:
+        return {"sigma_data": self.sigma_data}
 
 
 PARAMETRIZATIONS = {"eps": Eps, "x0": X0, "v": V, "velocity": Velocity, "edm": EDMPrecond}
@@ -153,17 +182,35 @@ def get(name: str, **kwargs) -> Parametrization:
     return PARAMETRIZATIONS[name](**kwargs)
 
 
+def denoise(net, process: Process, param: Parametrization, x: Tensor, sigma: Tensor, **net_kwargs) -> Tensor:
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, **net_kwargs) in the sigma-domain.
+
+    sigma has shape (B,) (or is a scalar). At sigma = inf (every row) x is the unit noise
+    direction n = lim x / sigma, and D is the limit of Parametrization.at_infinity.
+    """
+    sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+    inf = torch.isinf(sigma)
+    if inf.any():
+        if not inf.all():
+            raise ValueError("sigma = inf must hold for the whole batch (the first step from pure noise)")
+        skip, out = param.at_infinity()
+        t_top = param.c_noise(torch.full_like(sigma, float("inf"), dtype=torch.float64), process)
+        if not torch.isfinite(t_top).all():
+            raise ValueError(f"{process!r} has no finite time at sigma = inf; sample from a finite sigma_max")
+        F = net(x, t_top.to(x.dtype), **net_kwargs)
+        return skip * x + out * F.to(x.dtype)
+    c_in = _bc(param.c_in(sigma, process), x)
+    c_noise = param.c_noise(sigma, process).to(x.dtype)
+    F = net(c_in * x, c_noise, **net_kwargs)
+    return param.to_denoised(F.to(x.dtype), x, sigma)
+
+
 class Denoiser(nn.Module):
-    """Wraps a network F(x_in, c_noise, **cond) into D(x, sigma, **cond) in the sigma-domain."""
+    """Wraps a network F(x_in, c_noise, **kw) into D(x, sigma, **kw) in the sigma-domain."""
 
     def __init__(self, net: nn.Module, process: Process, param: Parametrization):
         super().__init__()
         self.net, self.process, self.param = net, process, param
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        c_in = _bc(self.param.c_in(sigma, self.process), x)
-        c_noise = self.param.c_noise(sigma, self.process).to(x.dtype)
-        F = self.net(c_in * x, c_noise, **cond)
-        return self.param.to_denoised(F.to(x.dtype), x, sigma)
-
+        return denoise(self.net, self.process, self.param, x, sigma, **cond)

@@ -1,6 +1,29 @@
-"""Datasets in the data range [-1, 1]: 2-D toys, sklearn's digits, image folders, .npz arrays.
+"""Data sources: 2-D toys, sklearn's digits, image folders (streamed from disk), .npz arrays.
 
-`load(spec, **options)` is the one entry point the CLI and configs use. Nothing here adds noise.
+`load(spec, **options)` is the one entry point the CLI and configs use; `StepBatches` turns a
+source into the training order's batches. Nothing here adds noise (a source may carry a fixed
+noise coupling, below).
+
+The source interface (what the loop, evaluation and every new source file agree on):
+
+  * A torch Dataset; `source[i]` is a dict
+        {"x0": float32 Tensor of shape `shape`,
+         "cond": {"y": 0-dim int64 Tensor in [0, num_classes)},   # only when labelled
+         "noise": float32 Tensor of shape `shape`}                 # only when the source has a
+                                                                   # noise-data coupling (reflow)
+    and an item depends on i alone (no unseeded randomness), so the order of batches is a pure
+    function of (seed, step) whatever the number of DataLoader workers.
+  * Attributes: `shape` (tuple, one example), `num_classes` (0 = unlabelled), `class_names`
+    (list[str] or None), `kind` ("image": pixels in [-1, 1], checked by `check_values`;
+    "vector": low-dim data like the toys; "latent": unbounded arrays; the last two need only
+    finite values), `source` (a description string), `__len__`.
+  * `arrays(limit=None) -> (x, y | None)`: the first `limit` examples decoded into memory (for
+    evaluation's reference statistics).
+  * Optional `batch(indices: list[int]) -> dict`: the collated batch, equal to
+    `collate([source[i] for i in indices])`, for in-memory sources (no per-item overhead).
+
+Sources here: `ArrayDataset` (in memory; `.x`, `.y`, `.noise` are its tensors) for toys, digits,
+.npz files and `image_folder()`; `ImageFolderSource` (streaming) for `load(<folder>)`.
 """
 from __future__ import annotations
 
@@ -8,11 +31,15 @@ import inspect
 from pathlib import Path
 
 from . import images, toys
-from .images import (ArrayDataset, check_values, digits, image_folder, npz_arrays, save_grid,
-                     write_image_folder)
+from .folder import ImageFolderSource
+from .images import check_images, digits, image_folder, save_grid, write_image_folder
+from .npz import npz_arrays
+from .order import StepBatches, StepOrder
+from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate
 
-__all__ = ["ArrayDataset", "load", "names", "toys", "digits", "image_folder", "npz_arrays",
-           "write_image_folder", "save_grid", "check_values"]
+__all__ = ["ArrayDataset", "ImageFolderSource", "StepBatches", "StepOrder", "KINDS", "load", "names", "toys",
+           "digits", "image_folder", "npz_arrays", "write_image_folder", "save_grid", "check_values",
+           "check_finite", "check_images", "check_batch", "collate", "images"]
 
 
 def names() -> list[str]:
@@ -24,10 +51,10 @@ def _toy(name: str, n: int = 10_000, seed: int = 0) -> ArrayDataset:
     x, y = toys.make(name, n, seed, labels=True)
     k = toys.num_classes(name)
     return ArrayDataset(x, y, k or None, [str(i) for i in range(k)] if k else None,
-                        source=f"{name}(n={n}, seed={seed})")
+                        source=f"{name}(n={n}, seed={seed})", kind="vector")
 
 
-def _call(fn, spec: str, options: dict, *args) -> ArrayDataset:
+def _call(fn, spec: str, options: dict, *args):
     # unknown options are a ValueError naming the accepted ones, like every other config error
     accepted = [p for p in inspect.signature(fn).parameters][len(args):]
     unknown = sorted(set(options) - set(accepted))
@@ -36,14 +63,14 @@ def _call(fn, spec: str, options: dict, *args) -> ArrayDataset:
     return fn(*args, **options)
 
 
-def load(spec: str, **options) -> ArrayDataset:
-    """A dataset from its spec.
+def load(spec: str, **options):
+    """A source from its spec (see the interface above).
 
     spec: a toy name ("gmm", "moons", "checkerboard", "swissroll", "rings"; options n=10000,
     seed=0), "digits" (option split="all" | "train" | "test"; "digits-train" and "digits-test"
-    name the splits), a directory (an image folder;
-    options image_size, channels, skip_corrupt) or an existing .npz file (options key, label_key,
-    float_range). Names win over paths; write "./digits" to load a folder called digits.
+    name the splits), a directory (a streaming `ImageFolderSource`; options image_size,
+    channels, skip_corrupt, probe) or an existing .npz file (an `ArrayDataset`; options key,
+    label_key, float_range). Names win over paths; write "./digits" to load a folder called digits.
     """
     spec = str(spec)
     if spec in toys.TOYS:
@@ -54,7 +81,7 @@ def load(spec: str, **options) -> ArrayDataset:
         return _call(digits, spec, options, spec.split("-")[1])
     p = Path(spec).expanduser()
     if p.is_dir():
-        return _call(image_folder, spec, options, p)
+        return _call(ImageFolderSource, spec, options, p)
     if p.is_file() and p.suffix.lower() == ".npz":
         return _call(npz_arrays, spec, options, p)
     why = "is not an .npz file" if p.is_file() else "does not exist"

@@ -34,13 +34,13 @@ import torch
 
 from .. import data as datasets
 from .. import samplers
-from ..likelihood import bits_per_dim, dequantize, log_likelihood
+from ..likelihood import bits_per_dim, dequantize
+from ..safeio import atomic_path, atomic_write
 from . import features as fx
 from . import metrics
 
 DEFAULT_SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "lms")
 DEFAULT_NFES = (5, 10, 20, 50)
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
 # ------------------------------------------------------------------------------ reference
@@ -86,18 +86,30 @@ class Reference:
     held_out: datasets.ArrayDataset | None
     extractor: object
     stats_path: Path
+    digits: bool = False             # the data is sklearn's digits: class accuracy is meaningful
 
 
 def _fingerprint(x: torch.Tensor) -> str:
     return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+REFERENCE_LIMIT = 50_000  # examples of a streamed source decoded for the reference statistics
+
+
+def in_memory(source, limit: int = REFERENCE_LIMIT) -> datasets.ArrayDataset:
+    """An in-memory ArrayDataset of a source (streamed sources: their first `limit` examples)."""
+    if isinstance(source, datasets.ArrayDataset):
+        return source
+    x, y = source.arrays(limit)
+    return datasets.ArrayDataset(x, y, source.num_classes or None, source.class_names, source=source.source)
+
+
 def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) -> Reference:
     """Training data, its features and statistics; features and statistics are read from
     `cache_dir` when a cache written for the same data (by content hash) and extractor exists."""
-    train = datasets.load(data_spec, **data_options)
+    train = in_memory(datasets.load(data_spec, **data_options))
     held = held_out_spec(data_spec)
-    held_out = datasets.load(held[0], **held[1]) if held else None
+    held_out = in_memory(datasets.load(held[0], **held[1])) if held else None
     meta = {"data": data_spec, "n": len(train), "features": extractor.name, "sha1": _fingerprint(train.x)}
     stem = f"ref-{Path(data_spec).name or 'data'}-{extractor.name}"
     feats_path, stats_path = cache_dir / f"{stem}-features.npz", cache_dir / f"{stem}-stats.npz"
@@ -109,9 +121,11 @@ def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) ->
     if feats is None:
         feats = fx.extract(extractor, train.x)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(feats_path, feats=feats.astype(np.float32), meta=np.array(json.dumps(meta, sort_keys=True)))
+        with atomic_path(feats_path) as tmp:
+            np.savez(tmp, feats=feats.astype(np.float32), meta=np.array(json.dumps(meta, sort_keys=True)))
         metrics.cache_stats(stats_path, feats, meta)
-    return Reference(train, feats, metrics.load_stats(stats_path), held_out, extractor, stats_path)
+    return Reference(train, feats, metrics.load_stats(stats_path), held_out, extractor, stats_path,
+                     digits=data_spec.startswith("digits"))
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -138,7 +152,7 @@ def score(x: torch.Tensor, y: torch.Tensor | None, ref: Reference, label: dict) 
     k = metrics.kid(f, ref.feats, subsets=50, subset_size=1000)
     pr = metrics.precision_recall(ref.feats, f, k=3)
     acc = None
-    if y is not None and isinstance(ref.extractor, fx.DigitsFeatures):
+    if y is not None and ref.digits and isinstance(ref.extractor, fx.DigitsFeatures):
         acc = fx.digits_accuracy(x, y, ref.extractor)
     return Row(n=len(x), fid=metrics.frechet_distance(mu, cov, ref.stats.mu, ref.stats.cov), kid=k.mean,
                precision=pr.precision, recall=pr.recall, accuracy=acc,
@@ -153,18 +167,19 @@ def real_data_row(ref: Reference) -> Row | None:
                  dict(sampler="held-out data", nfe=0, grid="-", cfg_scale=1.0, seconds=0.0))
 
 
-def evaluate(model, shape: tuple, num_classes: int, ref: Reference, sampler: str, nfe: int, n: int,
-             grid: str = "karras", cfg_scale: float = 1.0, batch_size: int = 500, device: str = "cpu",
-             first_seed: int = 0, **options) -> Row:
-    """One row: N samples (seeds first_seed.., labels seed % classes) drawn and scored. options go
-    to `training.model.generate` (sigma_max, process for the ddpm grid, sampler options)."""
-    from ..training.model import generate
+def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | None = None, cfg_scale: float = 1.0,
+             batch_size: int = 500, first_seed: int = 0, progress: bool = False, **options) -> Row:
+    """One row: N samples (seeds first_seed.., the model's default conditions) drawn and scored.
+    options go to model.sample (sigma_min, sigma_max, sampler options)."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        x, y = generate(model, shape, list(range(first_seed, first_seed + n)), sampler, nfe, num_classes,
-                        cfg_scale=cfg_scale, batch_size=batch_size, device=device, grid=grid, **options)
+        x, cond = model.sample(seeds=range(first_seed, first_seed + n), sampler=sampler, nfe=nfe, grid=grid,
+                               cfg=cfg_scale, batch_size=batch_size, return_cond=True, progress=progress, **options)
     seconds = time.perf_counter() - t0
-    return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=grid, cfg_scale=cfg_scale, seconds=seconds))
+    y = cond["y"] if cond and "y" in cond else None
+    shown = grid or model.spec.grid["name"]
+    shown = model.process.native_grid if shown == "native" else shown  # name the grid actually used
+    return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=shown, cfg_scale=cfg_scale, seconds=seconds))
 
 
 # ------------------------------------------------------------------------------ likelihood
@@ -178,9 +193,8 @@ def quantization(data: datasets.ArrayDataset) -> int | None:
     return None
 
 
-def nll(model, data: datasets.ArrayDataset, num_classes: int, n: int, probes: int = 1, seed: int = 0,
-        batch_size: int = 500, device: str = "cpu") -> dict:
-    """Negative log-likelihood of the first n examples of `data` through the PF-ODE, in bits/dim.
+def nll(model, data: datasets.ArrayDataset, n: int, probes: int = 1, seed: int = 0, batch_size: int = 500) -> dict:
+    """Negative log-likelihood of the first n examples of `data` through the model, in bits/dim.
 
     Discrete data with L levels spaced delta = 2 / (L - 1) apart is dequantized uniformly inside
     the bin centred on each level, x + (u - 1/2) delta with u ~ U[0, 1)^dim; then
@@ -190,6 +204,7 @@ def nll(model, data: datasets.ArrayDataset, num_classes: int, n: int, probes: in
     The divergence is Hutchinson's estimator with `probes` Rademacher probes (64 dims make the
     exact trace 64 backward passes per call); RK45 at rtol = atol = 1e-5.
     """
+    device = model.device
     x = data.x[:n].to(device)
     levels = quantization(data)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -198,30 +213,17 @@ def nll(model, data: datasets.ArrayDataset, num_classes: int, n: int, probes: in
     # our levels sit delta = 2 / (L - 1) apart at the bin centres: shift by delta / 2, and pass
     # data_range = L * delta so that their bin width is delta
     delta = 2 / (levels - 1) if levels else None
-    model_d = _Float64(model)
     out, nfe = [], 0
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size].double()
-        cond = {"y": torch.full((len(xb),), num_classes, device=device)} if num_classes else {}
         if levels:
             xb = dequantize(xb - delta / 2, levels, levels * delta, generator=g)
-        lp, calls = log_likelihood(model_d, xb, SIGMA_MIN, SIGMA_MAX, cond=cond, divergence="hutchinson",
-                                   probes=probes, generator=g)
+        lp, calls = model.log_likelihood(xb, divergence="hutchinson", probes=probes, generator=g, return_nfe=True)
         nfe = max(nfe, calls)
         out.append(bits_per_dim(lp, dim, levels, levels * delta) if levels else -lp / (dim * math.log(2)))
     bpd = torch.cat(out)
     return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))), "n": len(bpd),
             "levels": levels, "nfe": nfe, "probes": probes}
-
-
-class _Float64:
-    """Runs a float32 denoiser on float64 states (the ODE state is float64) and returns float64."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x, sigma, **cond):
-        return self.model(x.float(), sigma.float(), **cond).double()
 
 
 # ------------------------------------------------------------------------------ output
@@ -243,7 +245,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
@@ -276,7 +278,8 @@ def plot_sweep(rows: list[Row], path: Path, floor: Row | None = None) -> Path:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(styles) // 3)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -307,7 +310,8 @@ def plot_cfg(rows: list[Row], path: Path) -> Path:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -327,9 +331,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation (default dpmpp_2m)")
     p.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the single evaluation")
-    p.add_argument("--grid", default="karras", help="sigma grid(s), e.g. karras or karras,tuned (default karras)")
-    p.add_argument("--sigma-max", type=float, default=SIGMA_MAX,
-                   help="starting noise level (default 80; a DDPM model's top level for its native grid)")
+    p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned (default: the model's "
+                                                "own, usually native)")
+    p.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (default: the model's own)")
+    p.add_argument("--sigma-max", type=float, default=None,
+                   help="starting noise level (default: the model's own; inf starts from pure noise)")
     p.add_argument("--sweep", action="store_true", help="every sampler in --samplers x every NFE in --nfes")
     p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="samplers of the sweep")
     p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
@@ -338,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nll", type=int, default=0, metavar="N", help="also PF-ODE bits/dim of N held-out examples")
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll (default 1)")
     p.add_argument("--inception", default=None, help="Inception-v3 weights (.safetensors) for FID on other images")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="samples per batch (default 500)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
@@ -355,15 +361,16 @@ def run_dir(checkpoint) -> Path:
 
 
 def run(args) -> dict:
-    from ..training.loop import data_options
-    from ..training.model import load
+    from .. import models
+    from tqdm.auto import tqdm
     if args.n < 4:
         raise ValueError(f"--n must be >= 4 (precision/recall use 3 nearest neighbours), got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, state = load(args.checkpoint, use_ema=not args.no_ema, device=device)
-    shape, nc = tuple(state["shape"]), state["num_classes"]
+    model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
+    spec, nc = model.spec, model.spec.num_classes
     out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     scales = _items(args.cfg_scales, "--cfg-scales")
     if any(s != 1 for s in scales) and not nc:
         raise ValueError("--cfg-scales other than 1 need a class-conditional model; this one is unconditional")
@@ -371,7 +378,7 @@ def run(args) -> dict:
         names, nfes = _items(args.samplers, "--samplers", str), _items(args.nfes, "--nfes", int)
     else:
         names, nfes = [args.sampler], [args.nfe]
-    grid_names = _items(args.grid, "--grid", str)
+    grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
     unknown_grids = [g for g in grid_names if g not in samplers.grids.GRIDS and g != "native"]
     if unknown_grids:
         raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {sorted(samplers.grids.GRIDS) + ['native']}")
@@ -379,26 +386,34 @@ def run(args) -> dict:
     if unknown:
         raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
     if min(nfes) < 1:
-        raise ValueError(f"NFE must be >= 1, got {min(nfes)}")
-
-    ref = reference(cfg.data, data_options(cfg), feature_extractor(shape, args.inception), out)
-    print(f"model: {args.checkpoint} (step {state['step']}, {cfg.process}/{cfg.parametrization}, "
-          f"{'EMA' if not args.no_ema else 'raw'} weights); reference: {cfg.data} ({len(ref.train)} images), "
-          f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}")
+        raise ValueError(f"--nfe must be >= 1, got {min(nfes)}")
+    source = spec.data.get("source")
+    if not source:
+        raise ValueError("the model's spec does not name its training data (spec.data.source), so there is "
+                         "nothing to score against")
+    out.mkdir(parents=True, exist_ok=True)
+    ref = reference(source, spec.data.get("options", {}), feature_extractor(spec.shape, args.inception), out)
+    where = model.info.get("where")
+    step = model.info.get("step")
+    note = ("" if ref.digits or not isinstance(ref.extractor, fx.DigitsFeatures) else
+            "; NOTE: the data is not sklearn's digits, so the digits feature network is only a proxy and no "
+            "class accuracy is reported")
+    print(f"model: {where} (step {step}, {spec.process['name']}/{spec.parametrization['name']}, "
+          f"{model.info['weights']} weights); reference: {source} ({len(ref.train)} examples), "
+          f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}{note}")
     floor = real_data_row(ref)
     settings = [(s, k, g, w) for w in scales for g in grid_names for s in names for k in nfes]
     rows = []
-    from tqdm.auto import tqdm
     for s, k, g, w in tqdm(settings, desc="eval", disable=len(settings) < 2):
-        rows.append(evaluate(model, shape, nc, ref, s, k, args.n, g, w, args.batch_size, device,
-                             process=model.process, sigma_max=args.sigma_max))
+        rows.append(evaluate(model, ref, s, k, args.n, g, w, args.batch_size, progress=len(settings) < 2,
+                             sigma_min=args.sigma_min, sigma_max=args.sigma_max))
     shown = rows + ([floor] if floor else [])
     print(table(shown))
     if floor:
         print(f"(the held-out row scores {floor.n} real held-out images as if they were samples: FID is biased "
               f"upwards at small n, so compare rows at equal n)")
     write_csv(shown, out / "eval.csv")
-    result = {"checkpoint": str(args.checkpoint), "step": state["step"], "reference": cfg.data,
+    result = {"checkpoint": str(args.checkpoint), "step": step, "reference": source,
               "features": ref.extractor.name, "rows": [dataclasses.asdict(r) for r in shown]}
     if args.sweep and len(nfes) > 1:
         result["plot"] = str(plot_sweep(rows, out / "sweep.png", floor))
@@ -407,12 +422,12 @@ def run(args) -> dict:
     if args.nll:
         data = ref.held_out if ref.held_out is not None else ref.train
         which = "held-out" if ref.held_out is not None else "training (no held-out split known)"
-        r = nll(model, data, nc, args.nll, args.probes, batch_size=args.batch_size, device=device)
+        r = nll(model, data, args.nll, args.probes, batch_size=args.batch_size)
         result["nll"] = {**r, "data": which}
         how = f"uniform dequantization, {r['levels']} levels" if r["levels"] else "continuous data"
         print(f"NLL: {r['bits_per_dim']:.3f} +- {r['stderr']:.3f} bits/dim on {r['n']} {which} examples "
               f"(PF-ODE, {how}, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE function evaluations)")
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    atomic_write(out / "eval.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'eval.csv'} and {out / 'eval.json'}"
           + "".join(f" and {result[k]}" for k in ("plot", "cfg_plot") if k in result))
     return result

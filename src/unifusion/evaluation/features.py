@@ -40,30 +40,18 @@ def extract(extractor: FeatureExtractor, x, batch_size: int = 256) -> np.ndarray
 
 
 def _check_images(x: Tensor, channels: int, where: str) -> Tensor:
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(f"{where} expects images (N, {channels}, H, W) in [-1, 1], got shape {tuple(x.shape)}")
-    return x
+    """x if it is (N, channels, H, W), else a ValueError naming `where` (data.check_images)."""
+    from ..data.images import check_images
+
+    return check_images(x, channels, where)
 
 
 def _load_safetensors(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """State dict and metadata of a safetensors file; a clear error for pickled checkpoints."""
-    from safetensors import safe_open
+    """State dict and metadata of a safetensors file; pickled checkpoints are refused with the
+    one-line conversion (safeio.read_safetensors)."""
+    from ..safeio import read_safetensors
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    # a pickle starts with 0x80 (protocol >= 2); torch.save's zip format with "PK"
-    if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl") or head[:1] == b"\x80" or head[:2] == b"PK":
-        raise ValueError(
-            f"{p} looks like a pickled PyTorch checkpoint; only safetensors files are read (pickles can run "
-            f"code). Convert it once in a trusted environment:\n"
-            f"  python -c \"import torch; from safetensors.torch import save_file; "
-            f"sd = torch.load('{p.name}', map_location='cpu', weights_only=True); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{p.stem}.safetensors')\"")
-    with safe_open(str(p), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    return read_safetensors(path, with_metadata=True)
 
 
 # ------------------------------------------------------------------------------- digits

@@ -250,7 +250,9 @@ def cache_stats(path, feats, meta: str | dict = "") -> Stats:
         raise ValueError(f"reference statistics are written as .npz, got {p}")
     p.parent.mkdir(parents=True, exist_ok=True)
     n = len(_as_2d(feats, "feats"))
-    np.savez(p, mu=mu, cov=cov, n=np.int64(n), meta=np.array(meta))
+    from ..safeio import atomic_path
+    with atomic_path(p) as tmp:
+        np.savez(tmp, mu=mu, cov=cov, n=np.int64(n), meta=np.array(meta))
     return Stats(mu, cov, n, meta)
 
 

@@ -1,13 +1,20 @@
-"""Denoiser networks F(x, c_noise, y=None) -> Tensor shaped like x.
+"""Denoiser networks F(x, c_noise, emb=None) -> Tensor shaped like x: plain nn.Modules.
 
 c_noise is a (B,) float noise label (a process time t, a DDPM step, EDM's ln(sigma)/4: the
-network does not know which); y is a (B,) LongTensor of class labels in 0..num_classes, where
-num_classes is the null label for classifier-free guidance, and y=None means all-null.
+network does not know which); emb is an optional (B, net.emb_dim) conditioning vector from the
+model's conditioning module (models/conditioning.py), added to the noise embedding. Networks
+never see labels, sigma or the process.
 
-    net = build("unet-digits", num_classes=10)
-    F = net(x, c_noise, y)
+A network is described by {"class": name in NETWORKS, "kwargs": every constructor argument};
+a preset only fills the kwargs in, so a saved model never depends on PRESETS:
+
+    desc = describe("unet-digits", model_channels=32)   # {"class": "UNet", "kwargs": {...}}
+    net = from_description(desc)
+    F = net(x, c_noise, emb)
 """
 from __future__ import annotations
+
+import inspect
 
 from torch import nn
 
@@ -27,6 +34,9 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
     "unet-digits": (UNet, dict(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                                attn_resolutions=(4,), resolution=8, num_heads=4)),
     # CIFAR-10 32x32x3, DDPM's layout (Ho et al. 2020, 35.7M params) with adaptive group norm: 38.3M params
+    # small RGB images (32x32, e.g. an image folder with --image-size 32): 1.2M params, levels 32/16/8
+    "unet-32": (UNet, dict(in_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                           attn_resolutions=(8,), resolution=32, num_heads=4)),
     "unet-cifar": (UNet, dict(in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                               attn_resolutions=(16,), resolution=32, dropout=0.1, num_heads=1)),
     # DiT on 32x32x4 latents (256x256 images through the SD VAE), Peebles & Xie 2023 Table 1;
@@ -36,12 +46,54 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
 }
 
 
+NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT}
+
+
+def _signature_defaults(cls) -> dict:
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def _jsonable(v):
+    return [_jsonable(e) for e in v] if isinstance(v, (tuple, list)) else v
+
+
+def describe(preset: str, **overrides) -> dict:
+    """{"class", "kwargs"}: the preset's class and every constructor argument (the preset's
+    values, then `overrides`, the rest at the class defaults)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown network preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    cls, kwargs = PRESETS[preset]
+    name = next(k for k, c in NETWORKS.items() if c is cls)
+    return check_description({"class": name, "kwargs": {**_signature_defaults(cls), **kwargs, **overrides}})
+
+
+def check_description(desc: dict) -> dict:
+    """Validate {"class", "kwargs"}: a known class and only arguments it takes (JSON-able copy)."""
+    if not isinstance(desc, dict) or set(desc) != {"class", "kwargs"}:
+        raise ValueError(f"a network is described as {{'class': ..., 'kwargs': {{...}}}}, got {desc!r}")
+    if desc["class"] not in NETWORKS:
+        raise ValueError(f"unknown network class {desc['class']!r}; choose one of {sorted(NETWORKS)}")
+    valid = _signature_defaults(NETWORKS[desc["class"]])
+    unknown = sorted(set(desc["kwargs"]) - set(valid))
+    if unknown:
+        raise ValueError(f"network {desc['class']} has no argument(s) {unknown}; its arguments are {sorted(valid)}")
+    missing = sorted(k for k, v in valid.items() if v is inspect.Parameter.empty and k not in desc["kwargs"])
+    if missing:
+        raise ValueError(f"network {desc['class']} needs argument(s) {missing}")
+    return {"class": desc["class"], "kwargs": {k: _jsonable(v) for k, v in desc["kwargs"].items()}}
+
+
+def from_description(desc: dict, **runtime) -> nn.Module:
+    """Instantiate a description; `runtime` switches that do not change the weights
+    (gradient_checkpointing) may be added."""
+    desc = check_description(desc)
+    return NETWORKS[desc["class"]](**{**desc["kwargs"], **runtime})
+
+
 def build(name: str, **overrides) -> nn.Module:
-    """Instantiate a preset; overrides replace its keyword arguments (e.g. num_classes=10)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown network preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    cls, kwargs = PRESETS[name]
-    return cls(**{**kwargs, **overrides})
+    """Instantiate a preset; overrides replace its keyword arguments (e.g. model_channels=32)."""
+    return from_description(describe(name, **overrides))
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -49,4 +101,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["MLP", "UNet", "DiT", "PRESETS", "build", "count_parameters"]
+__all__ = ["MLP", "UNet", "DiT", "PRESETS", "NETWORKS", "build", "describe", "from_description",
+           "check_description", "count_parameters"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Attention, ConditionEmbedding, maybe_checkpoint, modulate, zero_
+from .layers import Attention, NoiseEmbedding, maybe_checkpoint, modulate, zero_
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -62,7 +62,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """F(x, c_noise, y) for x of shape (B, in_channels, input_size, input_size), e.g. 32x32x4 latents."""
+    """F(x, c_noise, emb) for x of shape (B, in_channels, input_size, input_size), e.g. 32x32x4 latents."""
 
     def __init__(
         self,
@@ -73,7 +73,6 @@ class DiT(nn.Module):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
-        num_classes: int = 0,
         qk_norm: str | bool | None = False,
         gradient_checkpointing: bool = False,
     ):
@@ -81,13 +80,13 @@ class DiT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.num_classes, self.gradient_checkpointing = num_classes, gradient_checkpointing
+        self.gradient_checkpointing, self.emb_dim = gradient_checkpointing, hidden_size
         self.grid = input_size // patch_size
 
         self.patch = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         # fixed, so a buffer recomputed from the config rather than stored in checkpoints
         self.register_buffer("pos", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)  # (1, N, D)
-        self.embed = ConditionEmbedding(hidden_size, num_classes, freq_dim=256)
+        self.embed = NoiseEmbedding(hidden_size, freq_dim=256)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.final = FinalLayer(hidden_size, patch_size, in_channels)
         self._init_weights()
@@ -112,12 +111,12 @@ class DiT(nn.Module):
         x = x.reshape(B, G, G, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, G * p, G * p)
 
-    def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, emb: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         if (C, H, W) != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.input_size}, {self.input_size}), "
                              f"got {tuple(x.shape)}")
-        emb = self.embed(c_noise, y, B)  # (B, D)
+        emb = self.embed(c_noise, emb, B)  # (B, D)
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, D), N = G*G
         for block in self.blocks:
             h = maybe_checkpoint(self.gradient_checkpointing and self.training, block, h, emb)

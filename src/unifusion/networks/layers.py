@@ -1,4 +1,4 @@
-"""Pieces shared by the MLP, UNet and DiT: noise/class embedding, attention, norms, init helpers.
+"""Pieces shared by the MLP, UNet and DiT: noise embedding, attention, norms, init helpers.
 
 A network here sees a noise label c_noise and never what it means: it may be a DDPM step index
 (0..999), a continuous time t in [0, 1], or EDM's ln(sigma)/4 (about -1.6..1.2). The sinusoidal
@@ -33,40 +33,28 @@ def sinusoidal_embedding(c_noise: Tensor, dim: int, min_freq: float = 1e-4, max_
     return emb
 
 
-class ConditionEmbedding(nn.Module):
-    """emb = MLP(sinusoid(c_noise)) + table[y]: the single vector every block is conditioned on.
+class NoiseEmbedding(nn.Module):
+    """emb = MLP(sinusoid(c_noise)) (+ a conditioning vector): the one vector every block is
+    conditioned on. The conditioning vector (B, emb_dim) comes from the model's conditioning
+    module (a class table, a pooled text embedding, ...); the network never sees labels."""
 
-    Class labels are 0..num_classes-1; the extra row num_classes is the null label that
-    classifier-free guidance drops to, and y=None means "all null".
-    """
-
-    def __init__(self, emb_dim: int, num_classes: int = 0, freq_dim: int = 256):
+    def __init__(self, emb_dim: int, freq_dim: int = 256):
         super().__init__()
-        self.freq_dim, self.num_classes = freq_dim, num_classes
+        self.freq_dim, self.emb_dim = freq_dim, emb_dim
         self.noise_mlp = nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # nn.Embedding's unit-scale random rows (ADM's choice) make classes distinct from step 0
-        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
-    def forward(self, c_noise: Tensor, y: Tensor | None, batch: int) -> Tensor:
+    def forward(self, c_noise: Tensor, emb: Tensor | None, batch: int) -> Tensor:
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(batch)
         if c_noise.shape != (batch,):
             raise ValueError(f"c_noise must have shape ({batch},), got {tuple(c_noise.shape)}")
         freq = sinusoidal_embedding(c_noise, self.freq_dim)  # (B, freq_dim)
-        emb = self.noise_mlp(freq.to(self.noise_mlp[0].weight.dtype))  # (B, emb_dim), in the net's dtype
-        if self.label is None:
-            if y is not None:
-                raise ValueError("this network is unconditional (num_classes=0) but got labels y; "
-                                 "build it with num_classes > 0 or pass y=None")
-            return emb
-        if y is None:
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=c_noise.device)
-        if y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-            raise ValueError(f"labels must lie in 0..{self.num_classes} ({self.num_classes} = null label), "
-                             f"got values in {int(y.min())}..{int(y.max())}")
-        return emb + self.label(y)
+        out = self.noise_mlp(freq.to(self.noise_mlp[0].weight.dtype))  # (B, emb_dim), in the net's dtype
+        if emb is None:
+            return out
+        if emb.shape != (batch, self.emb_dim):
+            raise ValueError(f"conditioning embedding must have shape ({batch}, {self.emb_dim}), got {tuple(emb.shape)}")
+        return out + emb.to(out.dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

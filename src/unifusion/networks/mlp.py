@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import ConditionEmbedding, modulate, zero_
+from .layers import NoiseEmbedding, modulate, zero_
 
 
 class MLPBlock(nn.Module):
@@ -23,19 +23,19 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """F(x, c_noise, y) for x of shape (B, dim)."""
+    """F(x, c_noise, emb) for x of shape (B, dim)."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 128, num_classes: int = 0):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, emb_dim: int = 128):
         super().__init__()
-        self.dim, self.num_classes = dim, num_classes
-        self.embed = ConditionEmbedding(emb_dim, num_classes, freq_dim=emb_dim)
+        self.dim, self.emb_dim = dim, emb_dim
+        self.embed = NoiseEmbedding(emb_dim, freq_dim=emb_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList([MLPBlock(hidden, emb_dim) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = self.embed(c_noise, y, x.shape[0])  # (B, emb_dim)
+    def forward(self, x: Tensor, c_noise: Tensor, emb: Tensor | None = None) -> Tensor:
+        emb = self.embed(c_noise, emb, x.shape[0])  # (B, emb_dim)
         h = self.inp(x)  # (B, hidden)
         for block in self.blocks:
             h = block(h, emb)  # (B, hidden)

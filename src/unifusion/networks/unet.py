@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Attention, ConditionEmbedding, group_norm, maybe_checkpoint, modulate, zero_
+from .layers import Attention, NoiseEmbedding, group_norm, maybe_checkpoint, modulate, zero_
 
 UPSAMPLE_MODES = ("nearest", "pixelshuffle", "transposed")
 DOWNSAMPLE_MODES = ("conv", "avgpool")
@@ -110,7 +110,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, y) for images x of shape (B, in_channels, H, W); returns (B, out_channels, H, W).
+    """F(x, c_noise, emb) for images x of shape (B, in_channels, H, W); returns (B, out_channels, H, W).
 
     resolution is the training image size: it decides at which levels attn_resolutions puts
     attention. Other sizes divisible by 2**(len(channel_mult) - 1) also run (the net is
@@ -127,7 +127,6 @@ class UNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (16,),
         resolution: int = 32,
         dropout: float = 0.0,
-        num_classes: int = 0,
         upsample: str = "nearest",
         num_heads: int = 4,
         gradient_checkpointing: bool = False,
@@ -142,11 +141,11 @@ class UNet(nn.Module):
         if missing:
             raise ValueError(f"attn_resolutions {missing} are never reached; this net's resolutions are {reachable}")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
-        self.num_classes, self.levels, self.resolution = num_classes, levels, resolution
+        self.levels, self.resolution, self.emb_dim = levels, resolution, 4 * model_channels
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * model_channels  # ADM/DDPM: embedding width 4x the base width
 
-        self.embed = ConditionEmbedding(emb_dim, num_classes, freq_dim=model_channels)
+        self.embed = NoiseEmbedding(emb_dim, freq_dim=model_channels)
         self.inp = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def block(cin, cout, res):
@@ -188,12 +187,12 @@ class UNet(nn.Module):
     def _block(self, block: UNetBlock, h: Tensor, emb: Tensor) -> Tensor:
         return maybe_checkpoint(self.gradient_checkpointing and self.training, block, h, emb)
 
-    def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, emb: Tensor | None = None) -> Tensor:
         B, _, H, W = x.shape
         f = 2 ** (self.levels - 1)
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must be divisible by {f} ({self.levels} levels)")
-        emb = self.embed(c_noise, y, B)  # (B, emb_dim)
+        emb = self.embed(c_noise, emb, B)  # (B, emb_dim)
         h = self.inp(x)  # (B, model_channels, H, W)
         skips = [h]
         for m in self.enc:

@@ -34,6 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..safeio import fsync_path as _fsync_path
+from ..safeio import looks_like_pickle, pickle_message
+
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -41,7 +44,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 # .old-<name>-<pid> (a same-step checkpoint being replaced), .del-<name>-<pid> (being pruned)
 _HIDDEN_RE = re.compile(r"^\.(tmp|old|del)-(step-\d+)-(\d+)$")
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
 class CheckpointError(RuntimeError, OSError):
@@ -182,7 +184,10 @@ def load(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict]:
     if info is not None:
         if info.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{p} was written by a newer unifusion (format {info['version']} > {FORMAT_VERSION})")
-        groups = list(info["groups"])
+        groups = list(info.get("groups", []))
+        bad = [g for g in groups if not isinstance(g, str) or not _GROUP_RE.match(g)]
+        if bad:  # a hand-edited name like "../../x" must not read a file outside the checkpoint
+            raise CheckpointError(f"corrupt checkpoint state {p / STATE_FILE}: invalid group name(s) {bad}")
     else:  # a folder assembled by hand: every safetensors file in it
         groups = sorted(f.stem for f in p.glob("*.safetensors"))
     tensors = {}
@@ -333,28 +338,14 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        if _looks_like_pickle(file):
-            raise CheckpointError(_pickle_message(file)) from exc
+        if looks_like_pickle(file):
+            raise CheckpointError(pickle_message(file)) from exc
         raise CheckpointError(f"corrupt safetensors file {file}: {exc}") from exc
 
 
-def _looks_like_pickle(file: Path) -> bool:
-    with open(file, "rb") as f:
-        head = f.read(4)
-    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
-
-
-def _pickle_message(file: Path) -> str:
-    return (f"refusing to load {file}: it is (or looks like) a pickle / torch.save file, and "
-            "unifusion loads safetensors + JSON only, never pickles (unpickling can run arbitrary "
-            "code). If you trust the file, convert it once with your own code: read the state dict "
-            "with torch's loader and weights_only=True, then write it with "
-            "safetensors.torch.save_file(state_dict, 'model.safetensors')")
-
-
 def _refuse_pickle(file: Path) -> None:
-    if file.suffix.lower() in _PICKLE_SUFFIXES or (file.suffix != ".safetensors" and _looks_like_pickle(file)):
-        raise CheckpointError(_pickle_message(file))
+    if file.suffix != ".safetensors" and looks_like_pickle(file):
+        raise CheckpointError(pickle_message(file))
 
 
 def _complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -410,15 +401,3 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file (safetensors wrote it through its own handle) or a directory entry table."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some file systems cannot fsync directories; files must succeed
-        if not path.is_dir() or exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)

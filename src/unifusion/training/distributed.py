@@ -39,6 +39,14 @@ class Dist:
             t /= self.world_size
         return t
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when the flag is set on any (e.g. one rank caught SIGTERM)."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        tdist.all_reduce(t)
+        return bool(t.item() > 0)
+
     def barrier(self):
         if self.enabled:
             tdist.barrier()
@@ -64,3 +72,29 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("UNIFUSION_DIST_TIMEOUT", "120")))
         tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, world, local, dev)
+
+
+def set_threads(requested: int, dist: Dist) -> int:
+    """The intra-op thread policy for CPU work (measured in BENCHMARKS.md, "CPU threads").
+
+    `requested` > 0 wins; else OMP_NUM_THREADS, when set, is left to torch; else AUTO: one thread
+    per rank on machines with at most 4 usable cores per rank (OpenMP's spinning barriers make 2+
+    threads 4-10x slower as soon as another busy process shares the cores, while one thread
+    loses little), and all but one of the rank's cores on bigger machines.
+    """
+    if dist.device.type != "cpu":
+        return torch.get_num_threads()
+    if requested > 0:
+        n = requested
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        per_rank = max(1, cores // local_world)
+        n = 1 if per_rank <= 4 else per_rank - 1
+    torch.set_num_threads(n)
+    return n

@@ -1,10 +1,14 @@
-"""The training loop: one visible function (nanoGPT's train.py is the model).
+"""The training loop: one visible function (nanoGPT's train.py is the model). It knows no
+process math: it calls `model.loss` and nothing else of the model.
 
-Every random draw of step k (data order, noise levels, noise, label dropout, network dropout)
-comes from generators seeded by (seed, k), and the global batch's draws are made whole and then
-split over ranks. So a resumed run only needs weights, optimizer, EMA and the step to continue
-bit-identically, and K ranks see exactly the examples and noise of one rank with the same global
-batch.
+Every random draw of step k comes from generators seeded by (seed, k): the data order
+(data/order.py), and the model's per-example draws (noise levels, noise, condition dropout),
+which are drawn for the whole global batch by `model.random` and then split over ranks. So a
+resumed run only needs weights, optimizer, EMA and the step to continue bit-identically, and K
+ranks see exactly the examples and draws of one rank with the same global batch. Network
+dropout (the networks' own nn.Dropout, off in the default presets) is the exception: its masks
+come from the per-rank global RNG seeded by (seed, step, rank), so with it K ranks equal one
+rank only in distribution, not bit for bit.
 """
 from __future__ import annotations
 
@@ -16,17 +20,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import config as C
 from .. import data as datasets
-from .. import losses
-from . import checkpoint, distributed
+from .. import models
+from ..safeio import atomic_path
+from . import checkpoint, distributed, run_dir
 from .ema import EMA
-from .model import build, generate
-
-MODEL_KEYS = ("process", "parametrization", "network", "sigma_data", "data", "class_conditional")
 
 
 def _seed(*parts: int) -> int:
@@ -49,120 +50,122 @@ def lr_at(cfg: C.TrainConfig, step: int) -> float:
 
 
 class _Interrupt:
-    """SIGINT sets a flag; the loop saves a checkpoint at the end of the step and stops."""
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun, SLURM, Kubernetes) set a flag; the loop saves a
+    checkpoint at the end of the step and stops. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.hit, self._old = False, None
+        self.hit, self._old = False, {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.hit:  # a second Ctrl-C stops at once
+        if self.hit:
             raise KeyboardInterrupt
         self.hit = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     """Train as `cfg` says; returns where the outputs went (and 'interrupted': bool)."""
     cfg.validate()
     dist = distributed.setup(cfg.device)
+    distributed.set_threads(cfg.threads, dist)
     device, rank, world = dist.device, dist.rank, dist.world_size
     out = Path(cfg.out)
+    lock = run_dir.RunLock(out).acquire() if rank == 0 else None
+    try:
+        return _train(cfg, dist, out, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+        dist.cleanup()
+
+
+def _train(cfg, dist, out: Path, progress: bool) -> dict:
+    device, rank, world = dist.device, dist.rank, dist.world_size
+    last = checkpoint.latest(out) if cfg.resume else None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        run_dir.prepare(out, cfg.resume, cfg.overwrite)
+    dist.barrier()
 
     # ---- data and model
-    ds = datasets.load(cfg.data, **data_options(cfg))
-    num_classes = ds.num_classes if cfg.class_conditional else 0
+    source = datasets.load(cfg.data, **C.data_options(cfg))
     B = cfg.batch_size
     if B % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size={B} must be divisible by ranks x grad_accum = {world} x {cfg.grad_accum}")
+        raise ValueError(f"--batch-size {B} must be divisible by ranks x --grad-accum = {world} x {cfg.grad_accum}")
     micro = B // (world * cfg.grad_accum)
-    if len(ds) < B:
-        raise ValueError(f"batch_size={B} is larger than the data set ({len(ds)} examples)")
+    spec = C.model_spec(cfg, source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
-    model = build(cfg, num_classes).to(device)
-    _check_shapes(model, ds, num_classes, device)
-    process = C.make_process(cfg)
-    density = C.make_noise_density(cfg, process)
-    weight = losses.weighting(cfg.weighting, model.param, cfg.sigma_data)
-    opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model.net, cfg.ema_half_life)
+    model = models.build(spec).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_half_life)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
     if cfg.precision == "fp16" and scaler is None:
-        raise ValueError("precision=fp16 needs a CUDA device (use bf16 on CPU)")
+        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
            else torch.autocast(device.type, dtype=torch.float16) if cfg.precision == "fp16" else nullcontext())
 
-    # ---- resume
+    # ---- resume: the stored config must describe the same run (config.resumed merges the CLI's flags)
     start, state = 0, {}
-    if cfg.resume:
-        last = checkpoint.latest(out)
-        if last is None:
-            if rank == 0:
-                print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
-        else:
-            tensors, state = checkpoint.load(last)
-            old = state["config"]
-            differ = [k for k in MODEL_KEYS if old.get(k) != getattr(cfg, k)]
-            if differ:
-                raise ValueError(f"cannot resume {last}: the config differs in {differ} "
-                                 f"(checkpoint: {[old.get(k) for k in differ]}); use another --out")
-            model.net.load_state_dict(tensors["model"])
-            ema.load_state_dict(tensors["ema"])
-            opt.load_state_dict(checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
-            start = state["step"]
-            if rank == 0:
-                print(f"resumed from {last} at step {start}")
-    net = dist.wrap(torch.compile(model.net) if cfg.compile else model.net)
-    train_model = type(model)(net, model.process, model.param)  # the same Denoiser around the wrapped net
-
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_epoch = len(sampler) // (B // world)
+    if cfg.resume and last is None and rank == 0:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
+    if last is not None:
+        tensors, state = checkpoint.load(last)
+        if "spec" not in state or "config" not in state:
+            raise ValueError(f"cannot resume from {last}: its state.json has no config/spec (written by an "
+                             "older unifusion, or edited by hand); start a new run with --overwrite")
+        differ = sorted(k for k in cfg.to_dict() if k not in C.RESUME_SAFE
+                        and state["config"].get(k) != getattr(cfg, k))
+        if differ:
+            raise ValueError(f"cannot resume {last}: the run was started with other "
+                             f"{', '.join(C.flag(k) for k in differ)}; resume with `unifusion train --out {out} "
+                             f"--resume` alone, or start a new run in another --out")
+        models.io.load_weights(model, tensors["model"], str(last))
+        ema.load_state_dict(tensors["ema"])
+        opt.load_state_dict(checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
+        start = state["step"]
+        if rank == 0:
+            print(f"resumed from {last} at step {start}")
     log_path = out / "log.jsonl"
+    if rank == 0:
+        run_dir.truncate_log(log_path, start)
+
+    batches = datasets.StepBatches(source, cfg.seed, B, world, rank, start, cfg.num_workers, end_step=cfg.steps)
+    first = next(batches)
+    datasets.check_batch(first, need_cond=spec.num_classes > 0)
+    _check_model_takes(model, first, spec, device)
+    net = dist.wrap(torch.compile(model) if cfg.compile else model)
     tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    bad, epoch_cache, t0, last_ckpt, interrupted = state.get("bad_steps", 0), (None, None), time.time(), None, False
-    window = []
-    with _Interrupt() as stop:
+    bad, t0, last_ckpt, interrupted, window = state.get("bad_steps", 0), time.time(), None, False, []
+    with _Interrupt() as stop, batches:
         for step in range(start, cfg.steps):
-            # -- this step's examples: DistributedSampler's order for the epoch, rank's slice
-            epoch, pos = divmod(step, per_epoch)
-            if epoch_cache[0] != epoch:
-                sampler.set_epoch(epoch)
-                epoch_cache = (epoch, list(sampler))
-            local = epoch_cache[1][pos * (B // world):(pos + 1) * (B // world)]
-            x0_all = ds.x[local].to(device)
-            y_all = ds.y[local].to(device) if num_classes else None
-            # -- global draws from (seed, step), then this rank's slice (see module docstring)
-            g = torch.Generator().manual_seed(_seed(cfg.seed, step))
-            sigma = density.sample(B, g)[rank::world]
-            noise = torch.randn((B,) + tuple(ds.shape), generator=g)[rank::world]
-            if num_classes:
-                y_all = losses.null_labels(y_all, num_classes, cfg.cond_drop,
-                                           torch.Generator().manual_seed(_seed(cfg.seed, step, rank, 1)))
-            torch.manual_seed(_seed(cfg.seed, step, rank, 2))  # network dropout
+            local = first if step == start else next(batches)
+            # -- the global batch's draws from (seed, step), then this rank's rows (module docstring)
+            draws = model.random(B, torch.Generator().manual_seed(_seed(cfg.seed, step)))
+            draws = {k: v[rank::world] for k, v in draws.items() if k not in local}
+            torch.manual_seed(_seed(cfg.seed, step, rank, 2))  # network dropout (see the docstring)
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(cfg, step)
 
             total = torch.zeros((), device=device)
             for m in range(cfg.grad_accum):
-                sl = slice(m * micro, (m + 1) * micro)
-                cond = {"y": y_all[sl]} if num_classes else {}
+                batch = _to(_rows({**local, **draws}, slice(m * micro, (m + 1) * micro)), device)
                 sync = dist.no_sync(net) if m < cfg.grad_accum - 1 else nullcontext()
                 with sync, amp:
-                    loss = losses.denoising_loss(train_model, x0_all[sl], sigma[sl].to(device, torch.float32),
-                                                 weight, noise=noise[sl].to(device), **cond).mean() / cfg.grad_accum
+                    loss = net(batch).mean() / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 total += loss.detach()
             total = dist.mean(total)
@@ -179,12 +182,12 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
                 if scaler:
                     scaler.unscale_(opt)
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(opt) if scaler else opt.step()
                 if scaler:
                     scaler.update()
                 opt.zero_grad(set_to_none=True)
-                ema.update(model.net, B)
+                ema.update(model, B)
 
             done = step + 1
             window.append(float(total))
@@ -199,11 +202,11 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 window = []
             bar.update(1)
-            stop_now = stop.hit
+            stop_now = dist.any(stop.hit)  # every rank stops at the same step
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop_now:
-                last_ckpt = _save(out, done, model, ema, opt, cfg, num_classes, ds, bad, dist)
+                last_ckpt = _save(out, done, model, ema, opt, cfg, bad, dist)
             if rank == 0 and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
-                _preview(out, done, model, ema, cfg, num_classes, ds, device)
+                _preview(out, done, model, ema, cfg, source)
             if stop_now:
                 interrupted = True
                 break
@@ -213,20 +216,18 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     result = {"out": str(out), "log": str(log_path), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "interrupted": interrupted, "rank": rank}
     if rank == 0 and not interrupted:
-        result["samples"] = str(_preview(out, cfg.steps, model, ema, cfg, num_classes, ds, device))
+        result["samples"] = str(_preview(out, cfg.steps, model, ema, cfg, source))
         result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
-    dist.cleanup()
+        result["model"] = str(models.save(model, out / "model", ema.state_dict()))
     return result
 
 
-def data_options(cfg: C.TrainConfig) -> dict:
-    """The image-folder options, passed only where they apply."""
-    if not Path(cfg.data).is_dir():
-        if cfg.image_size or cfg.channels or cfg.skip_corrupt:
-            raise ValueError("image_size / channels / skip_corrupt apply only to image folders, "
-                             f"and data={cfg.data!r} is not a folder")
-        return {}
-    return {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
+def _rows(batch: dict, sl) -> dict:
+    return {k: _rows(v, sl) if isinstance(v, dict) else v[sl] for k, v in batch.items()}
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def _tensorboard(out: Path):
@@ -238,47 +239,51 @@ def _tensorboard(out: Path):
         return None
 
 
-def _check_shapes(model, ds, num_classes, device):
-    x = ds.x[:2].to(device)
+def _check_model_takes(model, batch, spec, device):
+    """One forward pass on two examples before step 0: a network that cannot take the data fails
+    here with the shapes named, not deep inside step 0."""
+    two = _to(_rows(batch, slice(0, 2)), device)
     try:
         with torch.no_grad():
-            out = model(x, torch.ones(2, device=device), **({"y": ds.y[:2].to(device)} if num_classes else {}))
-    except Exception as e:  # the preset and the data disagree: say which
-        raise ValueError(f"network does not accept data of shape {tuple(ds.shape)}: {e}") from e
-    if out.shape != x.shape:
-        raise ValueError(f"network returns shape {tuple(out.shape[1:])} for data of shape {tuple(ds.shape)}")
+            loss = model.loss(two, torch.Generator().manual_seed(0))
+    except Exception as e:
+        raise ValueError(f"network {spec.network['class']} does not accept data of shape {spec.shape}: {e}; "
+                         "pick a --network preset for this data or set --network.in_channels etc.") from e
+    if loss.shape != (2,):
+        raise ValueError(f"the model's loss has shape {tuple(loss.shape)}, expected (2,) for two examples")
 
 
-def _save(out, step, model, ema, opt, cfg, num_classes, ds, bad, dist):
+def _save(out, step, model, ema, opt, cfg, bad, dist):
     path = None
     if dist.rank == 0:
         opt_t, opt_meta = checkpoint.optimizer_to_tensors(opt.state_dict())
-        state = {"step": step, "config": cfg.to_dict(), "num_classes": num_classes, "shape": list(ds.shape),
-                 "optimizer": opt_meta, "bad_steps": bad}
-        path = checkpoint.save(out, step, {"model": model.net.state_dict(), "ema": ema.state_dict(),
+        state = {"step": step, "config": cfg.to_dict(), "spec": model.spec.to_dict(), "optimizer": opt_meta,
+                 "bad_steps": bad}
+        path = checkpoint.save(out, step, {"model": model.state_dict(), "ema": ema.state_dict(),
                                            "optimizer": opt_t}, state, keep=cfg.keep_checkpoints)
     dist.barrier()
     return path
 
 
-def _preview(out, step, model, ema, cfg, num_classes, ds, device):
+def _preview(out, step, model, ema, cfg, source):
     """A grid from the EMA weights on fixed seeds (one row per class when conditional)."""
-    n = 8 * max(1, min(num_classes, 10)) if ds.x.ndim == 4 else 1000
-    seeds = [s // 8 + (s % 8) * 1000 for s in range(n)] if num_classes else list(range(n))
-    labels = torch.tensor([min(i // 8, num_classes - 1) for i in range(n)]) if num_classes else None
-    with ema.swapped(model.net), torch.no_grad():
+    k = model.spec.num_classes
+    image = len(model.spec.shape) == 3
+    n = 8 * max(1, min(k, 10)) if image else 1000
+    seeds = [s // 8 + (s % 8) * 1000 for s in range(n)] if k else list(range(n))
+    cond = {"y": torch.tensor([min(i // 8, k - 1) for i in range(n)])} if k else None
+    with ema.swapped(model), torch.no_grad():
         model.eval()
-        x, _ = generate(model, tuple(ds.shape), seeds, cfg.sample_sampler, cfg.sample_nfe, num_classes, labels,
-                        device=str(device))
+        x = model.sample(seeds=seeds, sampler=cfg.sample_sampler, nfe=cfg.sample_nfe, cond=cond)
         model.train()
     path = out / "samples" / f"step-{step:08d}.png"
-    path.parent.mkdir(exist_ok=True)
-    if x.ndim == 4:
+    if image:
         datasets.save_grid(x, path, nrow=8)
     else:
-        _scatter(x, ds.x, path)
+        _scatter(x, source.arrays(1000)[0], path)
     latest = out / "samples" / "latest.png"
-    latest.write_bytes(path.read_bytes())
+    with atomic_path(latest) as tmp:
+        tmp.write_bytes(path.read_bytes())
     return latest
 
 
@@ -287,10 +292,11 @@ def _scatter(x, data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.5), sharex=True, sharey=True)
-    for ax, pts, title in ((axes[0], data[:1000], "data"), (axes[1], x, "samples")):
+    for ax, pts, title in ((axes[0], data, "data"), (axes[1], x, "samples")):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -305,6 +311,7 @@ def _loss_curve(log_path: Path, png: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return png

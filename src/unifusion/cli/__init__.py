@@ -1,0 +1,117 @@
+"""The `unifusion` command: parse, then call. No logic here.
+
+Exit codes: 0 success; 2 a user-caused failure (bad flag, config, data, checkpoint, unwritable
+folder, full disk), printed as one line `unifusion: error: ...` naming the problem and the fix;
+130 interrupted (Ctrl-C / SIGTERM; `train` saves a checkpoint first); 1 an internal error (a bug:
+the traceback is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USER, EXIT_INTERRUPTED = 2, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("unifusion: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, RuntimeError, NotImplementedError) as e:  # bad input: one line, no traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            msg = f"{e.strerror}: {e.filename}" + ("; free some space and retry" if e.errno == 28 else "")
+        print(f"unifusion: error: {msg}", file=sys.stderr)
+        return EXIT_USER
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def parser() -> argparse.ArgumentParser:
+    from .. import config
+    from ..samplers import grids, names
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="unifusion", description="Diffusion and flow models from one formulation.")
+    p.add_argument("--version", action="version", version=f"unifusion {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="sample an exact 2-D Gaussian mixture with several samplers and plot it")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("train", help="train a model; no arguments trains the embedded default (digits)", add_help=False,
+                   formatter_class=fmt, usage="unifusion train [CONFIG.yaml] [--key value ...]",
+                   description="Train a model. Keys come from defaults, then CONFIG.yaml, then --key value flags "
+                               "(an example config: examples/digits.yaml).\n\n" + config.help_text())
+
+    sampler_list = "samplers: " + ", ".join(names()) + "\nnoise grids: " + ", ".join(sorted(grids.GRIDS) + ["native"])
+    sm = sub.add_parser("sample", help="sample a trained model into an .npz (and a grid PNG)", formatter_class=fmt,
+                        epilog=sampler_list + "\n\nexample:\n  unifusion sample --checkpoint runs/digits --nfe 20 "
+                                              "--seeds 0-63 --out s.npz --grid s.png")
+    sm.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint folder "
+                                                        "or a model folder (spec.json + weights)")
+    sm.add_argument("--sampler", default="dpmpp_2m", help="sampler name (default dpmpp_2m; list below)")
+    sm.add_argument("--nfe", type=int, default=20, help="denoiser-call budget (default 20)")
+    sm.add_argument("--n", type=int, default=None, help="how many samples (default: one per seed)")
+    sm.add_argument("--seeds", default=None, help="e.g. 0-63 or 1,5,9 (default 0..n-1)")
+    sm.add_argument("--out", required=True, help="output .npz: x (N, C, H, W) in [-1, 1], and y when conditional")
+    sm.add_argument("--grid", default=None, help="also write the samples as one PNG grid")
+    sm.add_argument("--noise-grid", default=None, help="sigma grid (default: the model's own, usually 'native')")
+    sm.add_argument("--sigma-min", type=float, default=None, help="default: the model's own range")
+    sm.add_argument("--sigma-max", type=float, default=None, help="default: the model's own range (inf: pure noise)")
+    sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (default 1 = conditional)")
+    sm.add_argument("--label", type=int, default=None, help="one class for all samples (default seed %% classes)")
+    sm.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
+    sm.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+
+    ev = sub.add_parser("eval", help="sample a model and score it: FID/KID/precision/recall, accuracy, "
+                                     "copy rate, time; --sweep over samplers x NFE (x CFG scale)",
+                        formatter_class=fmt,
+                        description="Draw N samples per setting (seeds 0..N-1) and score them against the "
+                                    "training data; writes eval.csv, eval.json and plots to <run>/eval.",
+                        epilog="examples:\n"
+                               "  unifusion eval --checkpoint runs/digits                      # dpmpp_2m, NFE 20\n"
+                               "  unifusion eval --checkpoint runs/digits --sampler heun --nfe 35 --nll 297\n"
+                               "  unifusion eval --checkpoint runs/digits --sweep --grid karras,tuned\n"
+                               "  unifusion eval --checkpoint runs/digits --sweep --samplers dpmpp_2m --nfes 20 "
+                               "--cfg-scales 0,1,1.5,2,3,5\n\n" + sampler_list)
+    from ..evaluation.evaluate import add_arguments
+    add_arguments(ev)
+    bench = sub.add_parser("bench", help="benchmarks that print tables")
+    bench.add_argument("what", choices=["samplers"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+    return p
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "train":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "demo":
+        from ..evaluation.demo import run
+        run(out=args.out, seed=args.seed)
+    elif args.command == "train":
+        from .train import run_train
+        if any(t in ("-h", "--help") for t in extra):
+            p._subparsers._group_actions[0].choices["train"].print_help()
+            return 0
+        return run_train(extra)
+    elif args.command == "sample":
+        from .sample import run_sample
+        run_sample(args)
+    elif args.command == "eval":
+        from ..evaluation.evaluate import run as run_eval
+        run_eval(args)
+    elif args.command == "bench":
+        from ..evaluation.sampler_bench import main as bench_main
+        return bench_main(args.rest) or 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

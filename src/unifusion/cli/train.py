@@ -1,0 +1,58 @@
+"""`unifusion train [CONFIG.yaml] [--key value ...]`: config in, training loop called."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import config as C
+from . import EXIT_INTERRUPTED
+
+
+def overrides(tokens: list[str]) -> dict:
+    """['--steps', '10', '--resume'] -> {'steps': '10', 'resume': 'true'}."""
+    out, i = {}, 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ValueError(f"unifusion train: expected --key value, got {tok!r}; see unifusion train --help")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                val, i = tokens[i + 1], i + 1
+            else:
+                val = "true"
+        out[key] = val
+        i += 1
+    return out
+
+
+def resolve(tokens: list[str]) -> C.TrainConfig:
+    """Defaults <- YAML <- flags; with --resume, the run's stored config <- the (safe) flags."""
+    config_path = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
+    given = {**(C.read_yaml(config_path) if config_path else {}), **overrides(tokens)}
+    cfg = C.from_dict(given)
+    if not cfg.resume:
+        return cfg
+    from ..training import checkpoint
+    last = checkpoint.latest(Path(cfg.out))
+    if last is None:
+        return cfg
+    _, state = checkpoint.load(last)
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"cannot resume from {last}: its state.json has no 'config' (edited by hand?); "
+                         "start a new run with --overwrite or another --out")
+    return C.resumed(state["config"], given)
+
+
+def run_train(tokens: list[str]) -> int:
+    from ..training.loop import train
+    cfg = resolve(list(tokens))
+    res = train(cfg)
+    if res["rank"] != 0:  # rank 0 reports for the run
+        return EXIT_INTERRUPTED if res["interrupted"] else 0
+    if res["interrupted"]:
+        print(f"interrupted; checkpoint saved to {res['checkpoint']}. Continue with: "
+              f"unifusion train --out {cfg.out} --resume")
+        return EXIT_INTERRUPTED
+    print(f"done. outputs in {res['out']}:\n  model:        {res['model']}\n  checkpoint:   {res['checkpoint']}"
+          f"\n  samples:      {res['samples']}\n  loss curve:   {res['loss_curve']}\n  log:          {res['log']}")
+    return 0

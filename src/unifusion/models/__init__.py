@@ -1,0 +1,24 @@
+"""The model layer: every model family is a `Model` (base.py) described by a saved `ModelSpec`
+(spec.py), one file per family; io.py reads and writes model folders.
+
+    model = uf.models.load("runs/digits")          # a run, a checkpoint or a model folder
+    x = model.sample(seeds=range(64), sampler="dpmpp_2m", nfe=20)
+"""
+from __future__ import annotations
+
+from .base import Model
+from .diffusion import DiffusionModel
+from .spec import ModelSpec
+
+FAMILIES: dict[str, type[Model]] = {"diffusion": DiffusionModel}
+
+
+def build(spec: ModelSpec) -> Model:
+    """A freshly initialised model of the spec's family."""
+    spec.validate()
+    return FAMILIES[spec.family](spec)
+
+
+from .io import load, read, save  # noqa: E402  (io needs build)
+
+__all__ = ["Model", "ModelSpec", "DiffusionModel", "FAMILIES", "build", "load", "read", "save"]

@@ -1,0 +1,156 @@
+"""The denoiser family: every process x parametrization of DESIGN §1 as one Model.
+
+    loss   = lambda(sigma) || D(x_0 + sigma n, sigma, cond) - x_0 ||^2,  sigma ~ p(sigma)
+    sample = uf.sample on D from the spec's own sigma range and native grid (a flow model starts
+             at t = 1 exactly: sigma_max = inf, the first step taken from pure noise)
+    log_likelihood = the PF-ODE with the divergence (likelihood.py)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import densities, losses, networks, parametrizations, processes
+from .. import samplers as S
+from ..guidance import classifier_free
+from ..parametrizations import _bc
+from . import conditioning
+from .base import Model
+from .spec import ModelSpec
+
+LIKELIHOOD_SIGMA_MAX = 1e3  # where the PF-ODE prior N(0, sigma^2 I) stands in for an infinite sigma_max
+
+
+class DiffusionModel(Model):
+    family = "diffusion"
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self.net = networks.from_description(spec.network)
+        self.cond = conditioning.build(spec.conditioning, getattr(self.net, "emb_dim", 0))
+        self.process = processes.get(spec.process["name"], **spec.process["kwargs"])
+        self.param = parametrizations.get(spec.parametrization["name"], **spec.parametrization["kwargs"])
+        train = spec.training or {}
+        nd = train.get("noise_density", {"name": "lognormal", "kwargs": {}})
+        self.density = densities.make(nd["name"], self.process, **nd.get("kwargs", {}))
+        sigma_data = spec.parametrization["kwargs"].get("sigma_data", train.get("sigma_data", 0.5))
+        self.weight = losses.weighting(train.get("weighting", "native"), self.param, sigma_data)
+
+    # ------------------------------------------------------------------ the denoiser
+    def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        """D(x, sigma, **cond) = E[x_0 | x] in the sigma-domain: what every sampler takes."""
+        return parametrizations.denoise(self.net, self.process, self.param, x, sigma,
+                                        **self.cond.net_kwargs(cond, x.shape[0]))
+
+    # ------------------------------------------------------------------ training
+    def random(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """sigma ~ p(sigma), unit noise, and the condition-dropout mask, in this order."""
+        out = {"sigma": self.density.sample(n, generator),
+               "noise": torch.randn((n,) + self.spec.shape, generator=generator)}
+        if self.cond.kind != "none" and getattr(self.cond, "p_drop", 0) > 0:
+            out["drop"] = torch.rand(n, generator=generator) < self.cond.p_drop
+        return out
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        x0 = batch["x0"]
+        missing = [k for k in ("sigma", "noise", "drop") if k not in batch]
+        draws = self.random(len(x0), generator or torch.Generator().manual_seed(0)) if missing else {}
+        sigma = batch.get("sigma", draws.get("sigma")).to(x0.device, x0.dtype)
+        noise = batch.get("noise", draws.get("noise")).to(x0.device, x0.dtype)
+        cond = batch.get("cond") or {}
+        if self.cond.kind != "none":
+            if not cond:
+                raise ValueError(f"this model is {self.cond.kind}-conditional but the batch has no 'cond'; "
+                                 "train on labelled data or with --class-conditional false")
+            drop = batch.get("drop", draws.get("drop"))
+            if drop is not None:
+                cond = self.cond.drop(cond, drop)
+        D = self.denoise(x0 + _bc(sigma, x0) * noise, sigma, **cond)
+        return self.weight(sigma).to(x0.dtype) * (D - x0).pow(2).flatten(1).mean(1)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int | None = None, seeds=None, noise: Tensor | None = None, sampler: str = "dpmpp_2m",
+               nfe: int | None = None, steps: int | None = None, cond: dict | None = None, cfg: float = 1.0,
+               grid=None, sigma_min: float | None = None, sigma_max: float | None = None,
+               batch_size: int = 256, generator_seed: int = 0, progress: bool = False,
+               return_cond: bool = False, grid_options: dict | None = None, **options):
+        """Samples in data space, one per seed (default seeds 0..n-1).
+
+        The starting noise of sample i is unit noise from its own generator seeded with seeds[i]
+        (or row i of `noise`), so with a deterministic sampler a sample depends only on its seed
+        and condition, never on the batch it was drawn in. Range and grid default to the spec's
+        (the process's own). cond defaults to the conditioning's default (class: seed % K);
+        cfg is the classifier-free guidance scale (1: conditional, 0: unconditional).
+        With return_cond=True returns (x, cond).
+        """
+        seeds = self._seeds(n, seeds, noise)
+        lo, hi = self.spec.sigma_range()
+        sigma_min = lo if sigma_min is None else sigma_min
+        sigma_max = hi if sigma_max is None else sigma_max
+        grid = grid if grid is not None else self.spec.grid["name"]
+        grid_options = grid_options if grid_options is not None else (
+            self.spec.grid["kwargs"] if grid == self.spec.grid["name"] else {})
+        if nfe is None and steps is None:
+            nfe = 20
+        if cfg != 1 and self.cond.kind == "none":
+            raise ValueError(f"--cfg {cfg} needs a conditional model; this one is unconditional")
+        if cond is None:
+            cond = self.cond.default(seeds)
+        device = self.device
+        outs = []
+        chunks = range(0, len(seeds), batch_size)
+        for start in tqdm(chunks, desc="sample", unit="batch", disable=not progress or len(chunks) < 2):
+            chunk = seeds[start:start + batch_size]
+            z = (noise[start:start + len(chunk)].to(torch.float32) if noise is not None else torch.stack(
+                [torch.randn(self.spec.shape, generator=torch.Generator().manual_seed(s)) for s in chunk]))
+            z = z.to(device) * (1.0 if math.isinf(sigma_max) else sigma_max)
+            c = {k: v[start:start + len(chunk)].to(device) for k, v in (cond or {}).items()}
+            den = self.denoise if cfg == 1 else classifier_free(self.denoise, cfg, self.cond.null(len(chunk), device))
+            gen = torch.Generator(device=device).manual_seed(generator_seed + start)
+            x = S.sample(den, z, sampler, nfe=nfe, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                         grid=grid, generator=gen, cond=c, process=self.process, grid_options=grid_options,
+                         **options)
+            outs.append(self.decode(x).cpu())
+        x = torch.cat(outs)
+        return (x, cond) if return_cond else x
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Sigma-domain samples -> data space (pixel data: clipped to its range)."""
+        bounds = self.spec.data.get("range")
+        return x if bounds is None else x.clamp(*bounds)
+
+    @staticmethod
+    def _seeds(n, seeds, noise) -> list[int]:
+        if seeds is None:
+            count = n if n is not None else (len(noise) if noise is not None else None)
+            if count is None:
+                raise ValueError("give n, seeds or noise")
+            seeds = range(count)
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("nothing to sample: n must be >= 1 (or give at least one seed)")
+        if noise is not None and len(noise) != len(seeds):
+            raise ValueError(f"noise holds {len(noise)} rows for {len(seeds)} seeds")
+        return seeds
+
+    # ------------------------------------------------------------------ likelihood
+    def log_likelihood(self, x: Tensor, cond: dict | None = None, divergence: str = "hutchinson",
+                       probes: int = 1, generator: torch.Generator | None = None, rtol: float = 1e-5,
+                       atol: float = 1e-5, return_nfe: bool = False):
+        """log p(x) in nats per example through the PF-ODE (float64 state), from the spec's
+        sigma_min to its sigma_max (at most LIKELIHOOD_SIGMA_MAX); conditional models default to
+        the null condition, i.e. the unconditional density."""
+        from ..likelihood import log_likelihood
+        lo, hi = self.spec.sigma_range()
+        if cond is None and self.cond.kind != "none":
+            cond = self.cond.null(len(x), x.device)
+
+        def den(xx, sigma, **c):
+            return self.denoise(xx.float(), sigma.float(), **c).double()
+
+        lp, nfe = log_likelihood(den, x.double(), lo, min(hi, LIKELIHOOD_SIGMA_MAX), cond=cond,
+                                 divergence=divergence, probes=probes, rtol=rtol, atol=atol, generator=generator)
+        return (lp, nfe) if return_nfe else lp

@@ -1,0 +1,86 @@
+"""Model folders: ``spec.json`` + ``weights.safetensors`` (+ ``ema.safetensors``).
+
+`load` also accepts a training run (its newest complete checkpoint) or a checkpoint folder,
+whose state.json carries the spec. Nothing is unpickled; weights that do not fit the spec's
+network are refused with one line that says how they differ.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import safeio
+from ..training import checkpoint
+from .spec import ModelSpec
+
+SPEC_FILE, WEIGHTS_FILE, EMA_FILE = "spec.json", "weights.safetensors", "ema.safetensors"
+_EMA_BOOKKEEPING = "__"  # training.ema stores its counters under "__"-prefixed keys
+
+
+def save(model, folder: str | Path, ema: dict[str, Tensor] | None = None) -> Path:
+    """Write a model folder atomically file by file (weights first, spec last)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    safeio.save_safetensors(model.state_dict(), out / WEIGHTS_FILE)
+    if ema is not None:
+        safeio.save_safetensors({k: v for k, v in ema.items() if not k.startswith(_EMA_BOOKKEEPING)}, out / EMA_FILE)
+    safeio.atomic_write(out / SPEC_FILE, model.spec.to_json() + "\n")
+    return out
+
+
+def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tensor] | None, dict]:
+    """(spec, weights, ema weights or None, info) from a model folder, a checkpoint folder or a
+    run folder; info holds "step" and "where" when they are known."""
+    p = Path(path)
+    if p.is_dir() and (p / SPEC_FILE).is_file():
+        spec = ModelSpec.read(p / SPEC_FILE)
+        if not (p / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"model folder {p} has {SPEC_FILE} but no {WEIGHTS_FILE}")
+        ema = safeio.read_safetensors(p / EMA_FILE) if (p / EMA_FILE).is_file() else None
+        return spec, safeio.read_safetensors(p / WEIGHTS_FILE), ema, {"where": str(p)}
+    if p.is_file() and p.suffix == ".safetensors":
+        raise ValueError(f"{p} is one weights file; give the folder that holds it and its {SPEC_FILE} "
+                         f"(a model folder, a checkpoint folder or the run folder)")
+    tensors, state = checkpoint.load(p)
+    if "spec" not in state:
+        if "config" in state:
+            raise ValueError(f"{p} was written before the model layer (unifusion 0.1: no model spec in "
+                             f"state.json) and cannot be loaded by this version; retrain it")
+        raise ValueError(f"{p} holds no model spec ({checkpoint.STATE_FILE} has no 'spec'); it is not a "
+                         "unifusion checkpoint, or it was edited by hand")
+    spec = ModelSpec.from_dict(state["spec"], where=f"{p} ({checkpoint.STATE_FILE})")
+    if "model" not in tensors:
+        raise ValueError(f"checkpoint {p} has no model weights (model.safetensors)")
+    ema = {k: v for k, v in tensors["ema"].items() if not k.startswith(_EMA_BOOKKEEPING)} if "ema" in tensors else None
+    return spec, tensors["model"], ema, {"step": state.get("step"), "where": str(p), "state": state}
+
+
+def load_weights(model, weights: dict[str, Tensor], where: str) -> None:
+    """load_state_dict(strict) with one readable line when the weights are another network's."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k}: file {tuple(weights[k].shape)} vs spec {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise ValueError(f"the weights in {where} do not fit the network its spec describes: "
+                         + ", ".join(x for x in parts if x)
+                         + "; the spec and the weights must come from the same run")
+    model.load_state_dict(weights, strict=True)
+
+
+def load(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """A ready model (eval mode) from a model folder, checkpoint or run; EMA weights when present."""
+    from . import build
+    spec, weights, ema, info = read(path)
+    model = build(spec)
+    chosen = ema if use_ema and ema is not None else weights
+    load_weights(model, chosen, info["where"])
+    model.info = {**info, "weights": "ema" if chosen is ema else "raw"}
+    model.info.pop("state", None)
+    return model.to(device).eval()

@@ -1,0 +1,133 @@
+"""ModelSpec: everything needed to rebuild a model from its weights, as JSON.
+
+A model folder is ``spec.json`` + ``weights.safetensors`` (+ ``ema.safetensors``); nothing else
+is read to load it (no preset names, no code paths in strings). The spec holds
+
+    family          which Model class (models.FAMILIES): "diffusion" covers every process x parametrization
+    network         {"class": name in networks.NETWORKS, "kwargs": every constructor argument}
+    process         {"name": name in processes.PROCESSES, "kwargs": its arguments}
+    parametrization {"name": name in parametrizations.PARAMETRIZATIONS, "kwargs": ...}
+    sigma_min, sigma_max   default sampling range (None: the process's own range; inf: pure noise)
+    grid            {"name": default grid ("native": the process's own), "kwargs": ...}
+    conditioning    {"kind": "none"} | {"kind": "class", "num_classes", "drop", "class_names"}
+    data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1]}
+                    | {"kind": "latent", "autoencoder": path, "shift", "scale", "shape"}
+    training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPEC_VERSION = 1
+CONDITIONING_KINDS = ("none", "class")
+DATA_KINDS = ("pixel", "latent")
+
+
+def _named(value, what: str) -> dict:
+    if not isinstance(value, dict) or "name" not in value or not set(value) <= {"name", "kwargs"}:
+        raise ValueError(f"spec {what} must be {{'name': ..., 'kwargs': {{...}}}}, got {value!r}")
+    return {"name": value["name"], "kwargs": dict(value.get("kwargs") or {})}
+
+
+@dataclass
+class ModelSpec:
+    family: str = "diffusion"
+    network: dict = field(default_factory=dict)
+    process: dict = field(default_factory=lambda: {"name": "edm", "kwargs": {}})
+    parametrization: dict = field(default_factory=lambda: {"name": "edm", "kwargs": {"sigma_data": 0.5}})
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    grid: dict = field(default_factory=lambda: {"name": "native", "kwargs": {}})
+    conditioning: dict = field(default_factory=lambda: {"kind": "none"})
+    data: dict = field(default_factory=lambda: {"kind": "pixel", "shape": [], "range": [-1.0, 1.0]})
+    training: dict = field(default_factory=dict)
+    version: int = SPEC_VERSION
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "ModelSpec":
+        """Every name known and every argument accepted; raises ValueError naming the field."""
+        from .. import networks, parametrizations, processes
+        from . import FAMILIES
+        if self.version > SPEC_VERSION:
+            raise ValueError(f"spec version {self.version} is newer than this unifusion reads ({SPEC_VERSION}); upgrade")
+        if self.family not in FAMILIES:
+            raise ValueError(f"spec family {self.family!r} is unknown; choose one of {sorted(FAMILIES)}")
+        self.network = networks.check_description(self.network)
+        self.process = _named(self.process, "process")
+        self.parametrization = _named(self.parametrization, "parametrization")
+        self.grid = _named(self.grid, "grid")
+        processes.get(self.process["name"], **self.process["kwargs"])  # raises on unknown names/args
+        parametrizations.get(self.parametrization["name"], **self.parametrization["kwargs"])
+        lo, hi = self.sigma_range()
+        if not 0 < lo < hi:
+            raise ValueError(f"spec sigma range must satisfy 0 < sigma_min < sigma_max, got [{lo}, {hi}]")
+        kind = self.conditioning.get("kind")
+        if kind not in CONDITIONING_KINDS:
+            raise ValueError(f"spec conditioning kind {kind!r} is unknown; choose one of {list(CONDITIONING_KINDS)}")
+        if kind == "class" and not (isinstance(self.conditioning.get("num_classes"), int)
+                                    and self.conditioning["num_classes"] >= 1):
+            raise ValueError("spec conditioning 'class' needs num_classes >= 1")
+        if self.data.get("kind") not in DATA_KINDS:
+            raise ValueError(f"spec data kind {self.data.get('kind')!r} is unknown; choose one of {list(DATA_KINDS)}")
+        if self.data["kind"] == "latent":
+            raise ValueError("spec data kind 'latent' (diffusion in an autoencoder's latent space) is not "
+                             "supported by this version: train on pixels")
+        if not self.data.get("shape"):
+            raise ValueError("spec data needs the shape of one example, e.g. [1, 8, 8]")
+        return self
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The default sampling range: the spec's values, else the process's own range."""
+        from .. import processes
+        lo, hi = processes.get(self.process["name"], **self.process["kwargs"]).sigma_range()
+        return (lo if self.sigma_min is None else self.sigma_min,
+                hi if self.sigma_max is None else self.sigma_max)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data["shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.conditioning.get("num_classes", 0)) if self.conditioning.get("kind") == "class" else 0
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("sigma_min", "sigma_max"):  # JSON has no inf: store it as the string "inf"
+            if d[key] is not None and math.isinf(d[key]):
+                d[key] = "inf"
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "spec") -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a model spec is a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown spec field(s) {unknown}; valid fields are {sorted(known)}")
+        d = dict(d)
+        for key in ("sigma_min", "sigma_max"):
+            if d.get(key) == "inf":
+                d[key] = math.inf
+        try:
+            return cls(**d).validate()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ModelSpec":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}); restore it from the run's checkpoint state.json") from None
+        return cls.from_dict(d, where=str(p))

@@ -1,0 +1,75 @@
+"""One run per output folder: an exclusive lock for the run's lifetime, a refusal to mix a new
+run into an old one, `--overwrite` that deletes the old run, and the log cut back to the
+checkpoint a run resumes from."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+LOCK = ".lock"
+RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png")  # what a unifusion run leaves
+
+
+class RunLock:
+    """flock on <out>/.lock, released when the process ends (also on kill -9)."""
+
+    def __init__(self, out: Path):
+        self.out, self.fd = Path(out), None
+
+    def acquire(self) -> "RunLock":
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"cannot write the run folder {self.out} ({e.strerror}); "
+                             "choose a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"another run (pid {holder}) is writing to {self.out}; wait for it, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one (or anything else) unless resuming
+    or overwriting; --overwrite deletes the old run's files (only in a folder that is a run)."""
+    entries = [e for e in out.iterdir() if e.name != LOCK]
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(sorted(e.name for e in entries)[:4])}); "
+                         "continue it with --resume, delete it with --overwrite, or choose another --out")
+    if not any(e.name in RUN_MARKERS for e in entries):
+        raise ValueError(f"--overwrite refuses to empty {out}: it does not look like a unifusion run "
+                         "folder; choose another --out")
+    for e in entries:
+        shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+
+
+def truncate_log(log: Path, step: int) -> None:
+    """Keep only the records up to `step`, so a resumed run never repeats steps in the log."""
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a killed run
+    from ..safeio import atomic_write
+    atomic_write(log, "".join(line + "\n" for line in kept))
