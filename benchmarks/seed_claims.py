@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from unifusion import samplers
+from unifusion import models, samplers
 from unifusion.evaluation import evaluate as E
-from unifusion.training.loop import data_options
-from unifusion.training.model import load
 
 
 def main(argv=None) -> int:
@@ -36,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="runs/digits")
     p.add_argument("--n", type=int, default=1500)
     p.add_argument("--grid", default="karras")
-    p.add_argument("--sigma-max", type=float, default=E.SIGMA_MAX)
+    p.add_argument("--sigma-max", type=float, default=None, help="default: the model's own")
     p.add_argument("--candidates", default="euler,heun,ddim,dpmpp_2m,dpmpp_3m,dpmpp_2s,unipc,ipndm,lms",
                    help="deterministic samplers searched for the best at NFE 10")
     p.add_argument("--out", default=None, help="JSON output (default <run>/eval/seed_claims.json)")
@@ -45,13 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--noise-only", action="store_true", help="only the FID noise estimate")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model, cfg, state = load(args.checkpoint)
-    shape, nc = tuple(state["shape"]), state["num_classes"]
-    ref = E.reference(cfg.data, data_options(cfg), E.feature_extractor(shape), E.run_dir(args.checkpoint) / "eval")
-    opts = dict(process=model.process, sigma_max=args.sigma_max)
+    model = models.load(args.checkpoint)
+    spec = model.spec
+    ref = E.reference(spec.data["source"], spec.data.get("options", {}), E.feature_extractor(spec.shape),
+                      E.run_dir(args.checkpoint) / "eval")
+    opts = dict(sigma_max=args.sigma_max)
 
     def row(sampler, nfe, grid=args.grid, first_seed=0, **kw):
-        r = E.evaluate(model, shape, nc, ref, sampler, nfe, args.n, grid, first_seed=first_seed, **opts, **kw)
+        r = E.evaluate(model, ref, sampler, nfe, args.n, grid, first_seed=first_seed, **opts, **kw)
         print(f"  {sampler:>10} NFE {nfe:<4} {grid:<7} seeds {first_seed}..: FID {r.fid:.3f} ({r.seconds:.1f} s)",
               flush=True)  # progress: the DDPM row alone takes minutes
         return r
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     best_row.sampler = f"best: {best[0]}"
     rows.append(best_row)
     floor = E.real_data_row(ref)
-    print(f"model {args.checkpoint} (step {state['step']}), n = {args.n} per row, grid {args.grid}, "
+    print(f"model {args.checkpoint} (step {model.info.get('step')}), n = {args.n} per row, grid {args.grid}, "
           f"{time.time() - t0:.0f} s")
     print(E.table(rows + ([floor] if floor else [])))
     print(spread)

@@ -23,9 +23,10 @@ def bare(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
     from unifusion import data, networks
     torch.manual_seed(0)
     ds = data.load("digits")
-    kw = {"num_classes": 10, **({"gradient_checkpointing": True} if grad_ckpt else {})}
+    kw = {"gradient_checkpointing": True} if grad_ckpt else {}
     net = networks.build(network, **kw)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    table = torch.nn.Embedding(11, net.emb_dim)  # the class embedding the model layer adds
+    opt = torch.optim.AdamW([*net.parameters(), *table.parameters()], lr=1e-3)
     sd = 0.5
     times = []
     for i in range(steps):
@@ -36,7 +37,7 @@ def bare(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
         s = sigma[:, None, None, None]
         x = x0 + s * torch.randn_like(x0)
         c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), (s**2 + sd**2).rsqrt()
-        D = c_skip * x + c_out * net(c_in * x, sigma.log() / 4, y=y)
+        D = c_skip * x + c_out * net(c_in * x, sigma.log() / 4, emb=table(y))
         loss = ((s**2 + sd**2) / (s * sd) ** 2 * (D - x0) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -50,12 +51,14 @@ def ours(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
     inside the timed window: the per-step time from its JSONL log."""
     from pathlib import Path
 
+    import torch
+
     from unifusion import config
     from unifusion.training.loop import train
     with tempfile.TemporaryDirectory() as d:
         cfg = config.from_dict({"network": network, "steps": steps, "batch_size": batch, "out": d,
                                 "checkpoint_every": steps, "sample_every": 0, "sample_nfe": 1, "log_every": 1,
-                                "grad_checkpointing": grad_ckpt, "grad_clip": 0.0})
+                                "grad_checkpointing": grad_ckpt, "grad_clip": 0.0, "threads": torch.get_num_threads()})
         import unifusion.training.loop as L
         L._preview = lambda *a, **k: Path(d) / "none.png"  # the final sample grid is not a train step
         L._loss_curve = lambda *a, **k: Path(d) / "none.png"

@@ -93,25 +93,26 @@ def n_params(module) -> int:
 
 # ------------------------------------------------------------------------------------ ours
 def ours_side(args, out: Path) -> dict:
+    from unifusion import models
     from unifusion.config import TrainConfig
     from unifusion.training.loop import train
-    from unifusion.training.model import generate, load
 
     def run(steps: int, where: Path):
         cfg = TrainConfig(out=str(where), steps=steps, sample_every=0, device="cpu", data="digits-train",
                           seed=args.seed, class_conditional=not args.unconditional)
         return train(cfg, progress=False), cfg
 
-    def sample(model, num_classes):
+    def sample(model):
         with torch.no_grad():
-            return generate(model, (1, 8, 8), seeds=list(range(args.n_samples)), sampler="dpmpp_2m", nfe=20,
-                            num_classes=num_classes, cfg_scale=1.0)
+            x, cond = model.sample(seeds=range(args.n_samples), sampler="dpmpp_2m", nfe=20, cfg=1.0,
+                                   return_cond=True)
+        return x, (cond or {}).get("y")
 
     steps, cal = calibrate(run, args, out)
     shutil.rmtree(out / "run", ignore_errors=True)  # train() would append to an old run's log
     (_, cfg), train_cpu, train_wall, _ = timed(run, steps, out / "run")
-    model, _, state = load(out / "run")
-    (x, y), sample_cpu, sample_wall, _ = timed(sample, model, state["num_classes"])
+    model = models.load(out / "run")
+    (x, y), sample_cpu, sample_wall, _ = timed(sample, model)
     cfg_d = cfg.to_dict()
     summary = {k: cfg_d[k] for k in ("data", "process", "parametrization", "network", "batch_size", "lr",
                                      "lr_schedule", "warmup_steps", "ema_half_life", "class_conditional")}

@@ -76,3 +76,45 @@ def test_tuned_grid_rule():
     torch.testing.assert_close(g, grids.karras(10, 0.1, 80.0, rho=15.0))
     assert math.isclose(float(grids.tuned(1000, 0.002, 80.0)[-1]), 0.002)
     assert math.isclose(float(grids.tuned(10, 0.002, 80.0, scale=0.5)[-1]), 0.05)
+
+
+def test_sd3_grid_scales_sigma_by_the_shift():
+    """t' = shift t / (1 + (shift-1) t) is sigma' = t'/(1-t') = shift t/(1-t) = shift sigma: the SD3
+    grid is the uniform-t flow grid between the unshifted ends, times the shift."""
+    for shift in (1.0, 3.0, 0.5):
+        g = grids.sd3(9, 0.002, 80.0, shift=shift)
+        plain = grids.uniform_t(9, 0.002 / shift, 80.0 / shift, P.Flow())
+        torch.testing.assert_close(g, shift * plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", ["uniform_t", "sd3", "native"])
+def test_flow_grids_start_at_inf(grid):
+    for n in (1, 2, 7):
+        g = grids.make(grid, n, 0.002, math.inf, process=P.Flow())
+        assert len(g) == n + 1 and math.isinf(float(g[0])) and float(g[-1]) == 0
+        assert torch.isfinite(g[1:]).all() and (g[1:] < g[:-1]).all()
+        if n > 1:
+            assert math.isclose(float(g[-2]), 0.002, rel_tol=1e-9)
+    # uniform in flow time t = sigma / (1 + sigma), from t = 1 exactly
+    t = P.Flow().t(grids.uniform_t(5, 0.002, math.inf, P.Flow()))
+    torch.testing.assert_close(t, torch.linspace(1, 0.002 / 1.002, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("grid", ["karras", "loglinear", "linear", "tuned"])
+def test_other_grids_refuse_inf(grid):
+    with pytest.raises(ValueError, match="cannot start at sigma_max=inf; use 'uniform_t', 'sd3' or 'native'"):
+        grids.make(grid, 5, 0.002, math.inf)
+    with pytest.raises(ValueError, match="'native' \\('karras' for EDM"):
+        grids.make("native", 5, 0.002, math.inf, process=P.EDM())
+    with pytest.raises(ValueError, match="no time t with sigma = inf"):
+        grids.make("uniform_t", 5, 0.002, math.inf, process=P.VP())
+
+
+def test_check_accepts_grids_and_names_what_is_wrong():
+    good = torch.tensor([80.0, 1.0, 0.0], dtype=torch.float64)
+    assert grids.check(good, 80.0) is good
+    assert grids.check(torch.tensor([math.inf, 1.0, 0.0], dtype=torch.float64), math.inf)[0] == math.inf
+    for bad, match in [([80.0, 80.0, 0.0], "level 1"), ([math.inf, 1.0, 0.0], "pass sigma_max=float"),
+                       ([1.0, math.nan, 0.0], "NaN at index 1")]:
+        with pytest.raises(ValueError, match=match):
+            grids.check(torch.tensor(bad, dtype=torch.float64), 80.0)

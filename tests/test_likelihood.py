@@ -53,3 +53,34 @@ def test_errors():
         log_likelihood(gm.denoise, x, divergence="skilling")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         log_likelihood(gm.denoise, x, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_integrates_in_torch_without_scipy(monkeypatch):
+    """The solve is the samplers' torch Dormand-Prince: scipy's solve_ivp is never called, the result
+    stays a tensor of x's dtype and device, and a float32 input works too."""
+    import scipy.integrate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scipy.integrate.solve_ivp was called")
+    monkeypatch.setattr(scipy.integrate, "solve_ivp", refuse)
+    gm, x = points(3)
+    logp, nfe = log_likelihood(gm.denoise, x, sigma_min=SMIN, rtol=1e-6, atol=1e-6)
+    assert logp.dtype == x.dtype and logp.device == x.device and logp.shape == (3,)
+    # exact up to the prior: log_likelihood puts N(0, 80^2 I) where p_80 is, at the ODE's end x_T
+    x_T = gm.pf_ode(x, SMIN, 80.0)
+    gauss = -0.5 * x_T.pow(2).sum(1) / 80.0**2 - 2 * (math.log(80.0) + 0.5 * math.log(2 * math.pi))
+    want = gm.log_prob(x, SMIN) - gm.log_prob(x_T, 80.0) + gauss
+    assert (logp - want).abs().max() < 1e-4, (logp, want)
+
+    def denoise32(x, sigma):
+        return gm.denoise(x, sigma).float()
+    logp32, _ = log_likelihood(denoise32, x.float(), sigma_min=SMIN, rtol=1e-5, atol=1e-5)
+    assert logp32.dtype == torch.float32 and (logp32.double() - want).abs().max() < 1e-3
+
+
+def test_nfe_counts_denoiser_calls():
+    from tests.oracles import Counting
+    gm, x = points(2)
+    D = Counting(gm.denoise)
+    _, nfe = log_likelihood(D, x, sigma_min=SMIN)
+    assert nfe == D.calls

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from unifusion import densities
 from unifusion import losses as L
 from unifusion import parametrizations as PZ
 from unifusion import processes as P
@@ -101,6 +102,59 @@ def test_densities():
     assert abs(float((sig3 / (1 + sig3)).median()) - 0.75) < 0.01
     with pytest.raises(ValueError, match="DDPM"):
         L.DiscreteUniform(vp)
+
+
+def test_densities_moved_but_still_importable_from_losses():
+    for name in ("NoiseDensity", "LogNormal", "UniformT", "LogitNormalT", "DiscreteUniform"):
+        assert getattr(L, name) is getattr(densities, name)
+
+
+@pytest.mark.parametrize("name, process, kwargs, cls", [
+    ("lognormal", P.EDM(), dict(p_mean=-0.4, p_std=1.0), densities.LogNormal),
+    ("uniform_t", P.VP(), dict(t_min=0.01, t_max=0.5), densities.UniformT),
+    ("logit_normal", P.Flow(), dict(m=0.5, s=0.8, shift=3.0), densities.LogitNormalT),
+    ("discrete", P.DDPM(), {}, densities.DiscreteUniform),
+])
+def test_make_density_by_name(name, process, kwargs, cls):
+    p = densities.make(name, process, **kwargs)
+    assert type(p) is cls
+    for k, v in kwargs.items():
+        assert getattr(p, k) == v
+    sig = p.sample(4000, torch.Generator().manual_seed(0))
+    assert sig.shape == (4000,) and (sig > 0).all() and torch.isfinite(sig).all()
+    if name == "uniform_t":  # t ~ U(0.01, 0.5) of the process
+        t = process.t(sig)
+        assert float(t.min()) >= 0.01 - 1e-9 and float(t.max()) <= 0.5 + 1e-9 and abs(float(t.mean()) - 0.255) < 0.01
+
+
+def test_make_density_errors_name_the_valid_choices():
+    with pytest.raises(ValueError, match=r"choose one of \['discrete', 'logit_normal', 'lognormal', 'uniform_t'\]"):
+        densities.make("cosine", P.EDM())
+    with pytest.raises(ValueError, match=r"no argument\(s\) \['mean'\]; its arguments are \['p_mean', 'p_std'\]"):
+        densities.make("lognormal", P.EDM(), mean=0.0)
+    with pytest.raises(ValueError, match="its arguments are \\['m', 's', 'shift'\\]"):
+        densities.make("logit_normal", P.Flow(), p_std=1.0)
+    with pytest.raises(ValueError, match="arguments are none"):
+        densities.make("discrete", P.DDPM(), T=10)
+    with pytest.raises(ValueError, match="DDPM"):
+        densities.make("discrete", P.VP())
+
+
+def test_uniform_t_on_flow_stays_inside_t_below_one():
+    p = densities.UniformT(P.Flow())
+    assert p.t_max == 1 - densities.FLOW_T_MARGIN
+    sig = p.sample(100000, torch.Generator().manual_seed(0))
+    assert torch.isfinite(sig).all() and float(P.Flow().t(sig).max()) < 1
+    with pytest.raises(ValueError, match="sigma = inf"):
+        densities.UniformT(P.Flow(), t_max=1.0)
+
+
+def test_logit_normal_uses_the_shift():
+    """The same z through shift_time: sigma' = shift * sigma (see test_processes.test_shift_time)."""
+    a = densities.LogitNormalT(shift=1.0).sample(1000, torch.Generator().manual_seed(3))
+    b = densities.LogitNormalT(shift=3.0).sample(1000, torch.Generator().manual_seed(3))
+    inside = (a > 1e-4) & (a < 1e4)  # away from the clamp at t = 1e-5 and 1 - 1e-5
+    torch.testing.assert_close(b[inside], 3.0 * a[inside])
 
 
 def test_condition_dropout():

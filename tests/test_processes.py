@@ -1,4 +1,5 @@
 """Processes against their papers' own definitions and against calculus."""
+import json
 import math
 
 import pytest
@@ -76,3 +77,57 @@ def test_get_by_name_and_errors():
         P.get("vpp")
     with pytest.raises(ValueError, match="cosine"):
         P.DDPM("quadratic")
+    valid = r"\['beta_min', 'beta_d', 't_min'\]"
+    with pytest.raises(ValueError, match=r"no argument\(s\) \['sigma_max'\]; its arguments are " + valid):
+        P.get("vp", sigma_max=80.0)
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (P.VE, dict(sigma_min=0.0), "0 < sigma_min < sigma_max"),
+    (P.VE, dict(sigma_min=2.0, sigma_max=1.0), "0 < sigma_min < sigma_max"),
+    (P.VE, dict(sigma_max=math.inf), "sigma_max must be a finite number"),
+    (P.VP, dict(beta_min=-0.1), "beta_min >= 0"),
+    (P.VP, dict(beta_min=0.0, beta_d=0.0), "not both 0"),
+    (P.VP, dict(t_min=1.0), "t_min < t_max"),
+    (P.VP, dict(t_min=math.nan), "t_min must be a finite number"),
+    (P.SubVP, dict(beta_d=-1.0), "SubVP needs beta_min >= 0"),
+    (P.DDPM, dict(T=1), "T >= 2"),
+    (P.DDPM, dict(T=10.5), "integer"),
+    (P.DDPM, dict(schedule="sqrt"), "linear' or 'cosine"),
+    (P.EDM, dict(sigma_min=0.0), "0 < sigma_min < sigma_max"),
+    (P.EDM, dict(sigma_min=100.0), "0 < sigma_min < sigma_max"),
+    (P.Flow, dict(t_max=1.5), "0 < t_max <= 1"),
+    (P.Flow, dict(t_max=0.0), "0 < t_max <= 1"),
+])
+def test_constructors_validate_their_arguments(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("proc", ALL + [P.VE(0.002, 80.0), P.VP(0.05, 10.0, 1e-4), P.DDPM("cosine", 500),
+                                        P.EDM(0.01, 10.0), P.Flow(0.9)], ids=repr)
+def test_kwargs_rebuild_the_process(proc):
+    kw = json.loads(json.dumps(proc.kwargs()))  # what a saved spec holds
+    again = P.get(proc.name, **kw)
+    assert type(again) is type(proc) and repr(again) == repr(proc)
+    t = interior_t(proc)
+    torch.testing.assert_close(again.sigma(t), proc.sigma(t), rtol=0, atol=0)
+    torch.testing.assert_close(again.s(t), proc.s(t), rtol=0, atol=0)
+
+
+def test_flow_time_of_inf_is_one():
+    fl = P.Flow()
+    t = fl.t(torch.tensor([math.inf, 0.0, 1.0], dtype=torch.float64))
+    assert t.tolist() == [1.0, 0.0, 0.5]
+    assert math.isinf(float(fl.sigma(torch.tensor(1.0, dtype=torch.float64))))
+
+
+def test_shift_time():
+    """SD3's shift multiplies sigma = t / (1 - t) by the shift; unshift_time inverts it."""
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for shift in (0.5, 1.0, 3.0):
+        ts = P.shift_time(t, shift)
+        inner = slice(1, -1)  # sigma is 0 and inf at the ends
+        torch.testing.assert_close(ts[inner] / (1 - ts[inner]), shift * t[inner] / (1 - t[inner]))
+        torch.testing.assert_close(P.unshift_time(ts, shift), t)
+        assert float(ts[0]) == 0 and float(ts[-1]) == 1

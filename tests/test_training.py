@@ -250,3 +250,11 @@ def test_data_the_network_cannot_take(tmp_path):
 def test_image_options_only_for_folders(tmp_path):
     with pytest.raises(ValueError, match="only to image folders"):
         L.train(tiny(tmp_path, image_size=16), progress=False)
+
+
+def test_example_configs_are_valid_and_digits_is_the_default():
+    examples = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+    assert len(examples) >= 3
+    for p in examples:
+        C.load(str(p))  # every key known, every value valid
+    assert C.load(str(Path(__file__).parent.parent / "examples" / "digits.yaml")) == C.TrainConfig()

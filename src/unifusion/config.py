@@ -142,8 +142,11 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
 
 def _coerce(key: str, value, typ):
     if typ is dict:
+        if isinstance(value, str):  # --network-args '{hidden: 32}' from the command line
+            value = _scalar(value)
         if not isinstance(value, dict):
-            raise ValueError(f"{flag(key)} expects a mapping of argument: value, got {value!r}")
+            raise ValueError(f"{flag(key)} expects a mapping like '{{name: value}}', got {value!r}; or "
+                             f"write one flag per argument: --{key.split('_')[0]}.NAME VALUE")
         return {str(k): _scalar(v) for k, v in value.items()}
     if isinstance(value, str) and typ is not str:
         if typ is bool:

@@ -7,15 +7,16 @@ its solution changes as d log p / du = -div f = tr(dD/dx) - dim. Integrating fro
     log p_{sigma_min}(x) = log N(x(sigma_max); 0, sigma_max^2 I) + int (dim - tr dD/dx) du
 
 The density is the sigma-domain one at sigma_min; for processes with s(t_min) != 1 the data
-space density differs by -dim * log s(t_min).
+space density differs by -dim * log s(t_min). The ODE is solved on x's device with the samplers'
+Dormand-Prince integrator (samplers/adaptive.py), the state (x, log-density change) kept as one tensor.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from scipy.integrate import solve_ivp
+
+from .samplers.adaptive import integrate_rk45
 
 
 def _trace_exact(D, x):
@@ -53,27 +54,22 @@ def log_likelihood(denoiser, x: torch.Tensor, sigma_min: float = 0.002, sigma_ma
     B, shape, dim = x.shape[0], x.shape, x[0].numel()
     e = [torch.randint(0, 2, shape, generator=generator, dtype=x.dtype, device=x.device) * 2 - 1
          for _ in range(probes)]
-    nfe = 0
 
-    def rhs(u, state):
-        nonlocal nfe
-        nfe += 1
-        xt = torch.as_tensor(state[: B * dim], dtype=x.dtype, device=x.device).reshape(shape)
+    def f(y, u):
+        # the state y = [x flattened | delta] per example, delta = int (dim - tr dD/dx) du so far
+        xt = y[:, :dim].reshape(shape).detach().requires_grad_(True)
         sigma = torch.full((B,), math.exp(u), dtype=x.dtype, device=x.device)
         with torch.enable_grad():
-            xt.requires_grad_(True)
             D = denoiser(xt, sigma, **cond)
             tr = _trace_exact(D, xt) if divergence == "exact" else _trace_hutchinson(D, xt, e)
-        dx = (xt - D).detach()
-        return np.concatenate([dx.flatten().cpu().double().numpy(), (dim - tr).detach().cpu().double().numpy()])
+        # dx/du = x - D and d delta/du = dim - tr dD/dx
+        return torch.cat([(xt - D).detach().flatten(1), (dim - tr).detach()[:, None]], 1)
 
-    state0 = np.concatenate([x.detach().flatten().cpu().double().numpy(), np.zeros(B)])
-    sol = solve_ivp(rhs, (math.log(sigma_min), math.log(sigma_max)), state0, method="RK45", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"likelihood ODE solve failed: {sol.message}")
-    xT, delta = sol.y[: B * dim, -1].reshape(B, dim), sol.y[B * dim:, -1]
-    prior = -0.5 * (xT**2).sum(1) / sigma_max**2 - dim * (math.log(sigma_max) + 0.5 * math.log(2 * math.pi))
-    return torch.as_tensor(prior + delta, dtype=x.dtype), nfe
+    y0 = torch.cat([x.detach().flatten(1), x.new_zeros(B, 1)], 1)
+    y, _, nfe = integrate_rk45(f, y0, math.log(sigma_min), math.log(sigma_max), rtol=rtol, atol=atol)
+    xT, delta = y[:, :dim], y[:, dim]
+    prior = -0.5 * xT.pow(2).sum(1) / sigma_max**2 - dim * (math.log(sigma_max) + 0.5 * math.log(2 * math.pi))
+    return prior + delta, nfe
 
 
 def bits_per_dim(log_p: torch.Tensor, dim: int, levels: int = 256, data_range: float = 2.0) -> torch.Tensor:

@@ -12,74 +12,15 @@ classic losses are instances:
 | EDM (Karras et al. 2022)     | ln sigma ~ N(P_mean, P_std^2)          | 1/c_out^2 (EDM)     |
 
 i.e. lambda = parametrization.loss_weight(sigma) gives the "native" loss of each parametrization.
+The densities p(sigma) live in densities.py; their names are re-exported here.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .densities import DiscreteUniform, LogitNormalT, LogNormal, NoiseDensity, UniformT  # noqa: F401 (re-exported)
 from .parametrizations import Parametrization, _bc
-from .processes import DDPM, Flow, Process
-
-
-class NoiseDensity:
-    """p(sigma): draws a (B,) tensor of noise levels."""
-
-    def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        raise NotImplementedError
-
-
-class LogNormal(NoiseDensity):
-    """EDM: ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1)."""
-
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
-        self.p_mean, self.p_std = p_mean, p_std
-
-    def sample(self, batch, generator=None, device=None):
-        z = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
-        return torch.exp(self.p_mean + self.p_std * z)
-
-
-class UniformT(NoiseDensity):
-    """t ~ U(t_min, t_max) of a process, mapped to sigma (score SDE, DDPM-continuous, flow matching)."""
-
-    def __init__(self, process: Process, t_min: float | None = None, t_max: float | None = None):
-        self.process = process
-        self.t_min = process.t_min if t_min is None else t_min
-        # flow matching's t = 1 is sigma = inf: stay just inside
-        self.t_max = (min(process.t_max, 1 - 1e-4) if isinstance(process, Flow) else process.t_max) if t_max is None else t_max
-
-    def sample(self, batch, generator=None, device=None):
-        u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
-        return self.process.sigma(self.t_min + (self.t_max - self.t_min) * u)
-
-
-class LogitNormalT(NoiseDensity):
-    """SD3 (Esser et al. 2024, eq. 19 and 23): flow time t = sigmoid(m + s z), then the shift
-    t' = shift t / (1 + (shift - 1) t); sigma = t' / (1 - t')."""
-
-    def __init__(self, m: float = 0.0, s: float = 1.0, shift: float = 1.0):
-        self.m, self.s, self.shift = m, s, shift
-
-    def sample(self, batch, generator=None, device=None):
-        z = torch.randn(batch, generator=generator, dtype=torch.float64, device=device)
-        t = torch.sigmoid(self.m + self.s * z)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
-        t = t.clamp(1e-5, 1 - 1e-5)  # keep sigma finite and positive
-        return t / (1 - t)
-
-
-class DiscreteUniform(NoiseDensity):
-    """DDPM: timestep i ~ U{0, ..., T-1}, sigma = sigma_i."""
-
-    def __init__(self, process: DDPM):
-        if not isinstance(process, DDPM):
-            raise ValueError(f"DiscreteUniform needs a DDPM process, got {process!r}")
-        self.process = process
-
-    def sample(self, batch, generator=None, device=None):
-        i = torch.randint(0, self.process.T, (batch,), generator=generator, device=device)
-        return self.process.sigmas.to(device)[i]
 
 
 def weighting(name: str, param: Parametrization, sigma_data: float = 0.5):

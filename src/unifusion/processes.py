@@ -9,7 +9,9 @@ All methods take and return tensors (float64 recommended for t close to the ends
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -50,8 +52,26 @@ class Process:
     def s_of_sigma(self, sigma: Tensor) -> Tensor:
         return self.s(self.t(sigma))
 
+    def kwargs(self) -> dict:
+        """The constructor's arguments as a JSON-able dict: get(self.name, **self.kwargs()) rebuilds it."""
+        return {k: getattr(self, k) for k in _arguments(type(self))}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _arguments(cls) -> list[str]:
+    """The names a process class's constructor takes (each is stored under the same attribute name)."""
+    return [k for k, p in inspect.signature(cls).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _finite(**values) -> None:
+    """ValueError unless every value is a finite real number."""
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{k} must be a finite number, got {v!r}")
 
 
 def _vp_s(sigma: Tensor) -> Tensor:
@@ -65,9 +85,10 @@ class VE(Process):
     name = "ve"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        _finite(sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+            raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(sigma_max / sigma_min)
 
     def s(self, t):
@@ -92,7 +113,13 @@ class VP(Process):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, t_min: float = 1e-3):
-        self.beta_min, self.beta_d, self.t_min = beta_min, beta_d, t_min
+        _finite(beta_min=beta_min, beta_d=beta_d, t_min=t_min)
+        if beta_min < 0 or beta_d < 0 or beta_min + beta_d <= 0:
+            raise ValueError(f"{type(self).__name__} needs beta_min >= 0 and beta_d >= 0, not both 0; "
+                             f"got beta_min={beta_min}, beta_d={beta_d} (Song et al. use 0.1 and 19.9)")
+        if not 0 <= t_min < self.t_max:
+            raise ValueError(f"{type(self).__name__} needs 0 <= t_min < t_max = {self.t_max}, got t_min={t_min}")
+        self.beta_min, self.beta_d, self.t_min = float(beta_min), float(beta_d), float(t_min)
 
     def _g(self, t):  # -log abar(t)
         return 0.5 * self.beta_d * t**2 + self.beta_min * t
@@ -155,8 +182,10 @@ class DDPM(Process):
     native_grid = "ddpm"
 
     def __init__(self, schedule: str = "linear", T: int = 1000):
-        self.schedule, self.T = schedule, T
-        abar = torch.cumprod(1 - ddpm_betas(schedule, T), 0)
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 2:
+            raise ValueError(f"DDPM needs an integer number of timesteps T >= 2, got T={T!r}")
+        self.schedule, self.T = schedule, int(T)
+        abar = torch.cumprod(1 - ddpm_betas(schedule, self.T), 0)
         self.sigmas = torch.sqrt((1 - abar) / abar)  # increasing in i
         self.log_sigmas = self.sigmas.log()
         self.t_min, self.t_max = 0.0, float(T - 1)
@@ -190,9 +219,6 @@ class DDPM(Process):
         w = (lsig - ls[i]) / (ls[i + 1] - ls[i])
         return (i + w).to(sigma.dtype)
 
-    def __repr__(self):
-        return f"DDPM(schedule={self.schedule!r}, T={self.T})"
-
 
 class EDM(Process):
     """EDM (Karras et al. 2022): s = 1, sigma = t."""
@@ -201,7 +227,11 @@ class EDM(Process):
     native_grid = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.t_min, self.t_max = sigma_min, sigma_max
+        _finite(sigma_min=sigma_min, sigma_max=sigma_max)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.t_min, self.t_max = self.sigma_min, self.sigma_max
 
     def s(self, t):
         return torch.ones_like(t)
@@ -225,7 +255,10 @@ class Flow(Process):
     name = "flow"
 
     def __init__(self, t_max: float = 1.0):
-        self.t_max = t_max
+        _finite(t_max=t_max)
+        if not 0 < t_max <= 1:
+            raise ValueError(f"Flow needs 0 < t_max <= 1 (t = 1 is pure noise, sigma = inf), got t_max={t_max}")
+        self.t_max = float(t_max)
 
     def s(self, t):
         return 1 - t
@@ -240,14 +273,29 @@ class Flow(Process):
         return (1 - t) ** -2
 
     def t(self, sigma):
-        return sigma / (1 + sigma)
+        # sigma = inf is pure noise, t = 1 exactly (inf / (1 + inf) would be nan)
+        return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+
+
+def shift_time(t, shift: float):
+    """SD3's resolution shift of flow time (Esser et al. 2024, eq. 23): t' = shift t / (1 + (shift - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def unshift_time(t, shift: float):
+    """Inverse of shift_time: from t' (1 + (shift - 1) t) = shift t, t = t' / (shift - (shift - 1) t')."""
+    return t / (shift - (shift - 1) * t)
 
 
 PROCESSES = {"ve": VE, "vp": VP, "subvp": SubVP, "ddpm": DDPM, "edm": EDM, "flow": Flow}
 
 
 def get(name: str, **kwargs) -> Process:
-    """Process by name: one of PROCESSES."""
+    """Process by name (one of PROCESSES) with its constructor's keyword arguments."""
     if name not in PROCESSES:
         raise ValueError(f"unknown process {name!r}; choose one of {sorted(PROCESSES)}")
+    valid = _arguments(PROCESSES[name])
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"process {name!r} has no argument(s) {unknown}; its arguments are {valid}")
     return PROCESSES[name](**kwargs)

@@ -8,6 +8,7 @@ the traceback is printed).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:  # bad input: one line, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.strerror and e.filename:
-            msg = f"{e.strerror}: {e.filename}" + ("; free some space and retry" if e.errno == 28 else "")
+            msg = f"{e.strerror}: {e.filename}"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg += "; nothing was replaced: free some space and retry"
         print(f"unifusion: error: {msg}", file=sys.stderr)
         return EXIT_USER
 
@@ -92,6 +95,9 @@ def _main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.command != "train":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("sample", "eval"):
+        from ..training.distributed import set_threads
+        set_threads()  # the CPU thread policy of training applies to sampling too
     if args.command == "demo":
         from ..evaluation.demo import run
         run(out=args.out, seed=args.seed)

@@ -2,6 +2,8 @@
 optionally labels and a coupled noise array."""
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,22 @@ def npz_arrays(path, key: str = "x", label_key: str | None = "y",
     float_range = _float_range(float_range)
     if not p.is_file():
         raise FileNotFoundError(f"npz file {p} does not exist")
-    with np.load(p, allow_pickle=False) as f:
-        if key not in f:
-            raise ValueError(f"{p}: no array {key!r}; the file holds {sorted(f.files)}")
-        a = f[key]
-        y = f[label_key] if label_key and label_key in f else None
-        noise = f[NOISE_KEY] if NOISE_KEY in f and key != NOISE_KEY else None
-        class_names = [str(s) for s in f["class_names"]] if "class_names" in f else None
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if not hasattr(f, "files"):  # a bare .npy saved under an .npz name
+                raise ValueError("it holds one array, not named arrays")
+            if key not in f:
+                raise ValueError(f"{p}: no array {key!r}; the file holds {sorted(f.files)}")
+            a = f[key]
+            y = f[label_key] if label_key and label_key in f else None
+            noise = f[NOISE_KEY] if NOISE_KEY in f and key != NOISE_KEY else None
+            class_names = [str(s) for s in f["class_names"]] if "class_names" in f else None
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"{p}:"):
+            raise
+        # numpy's own text for a non-zip file suggests allow_pickle=True: never do that to a user file
+        raise ValueError(f"{p} is not a readable .npz file ({type(exc).__name__}); write it with "
+                         "numpy.savez(path, x=..., y=...)") from None
     where = f"{p}[{key}]"
     if noise is not None and noise.shape != a.shape:
         raise ValueError(f"{p}[{NOISE_KEY}] has shape {noise.shape} but {where} has {a.shape}; a coupled "

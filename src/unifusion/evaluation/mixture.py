@@ -75,12 +75,30 @@ class GaussianMixture:
         return torch.logsumexp(logp, 1)
 
     def denoise(self, x: Tensor, sigma, y: Tensor | None = None) -> Tensor:
-        """E[x_0 | x] at level sigma (class-conditional with y)."""
+        """E[x_0 | x] at level sigma (class-conditional with y).
+
+        At sigma = inf, x is the unit noise direction n = lim x / sigma (the samplers' convention) and
+        the result is E[x_0] (E[x_0 | y] with y): with x = sigma n, the log-responsibilities
+        log pi_k - 1/2 (sigma n - mu_k)^T (S_k + sigma^2 I)^{-1} (sigma n - mu_k) - 1/2 log det(S_k + sigma^2 I)
+        differ between components by log pi_k + O(1/sigma), so p(k | x) -> pi_k, and each posterior mean
+        mu_k + S_k (S_k + sigma^2 I)^{-1} (sigma n - mu_k) = mu_k + S_k n / sigma + O(1/sigma^2) -> mu_k."""
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        at_inf = torch.isinf(s)
+        if at_inf.any():  # the finite rows as usual (a stand-in level for the others), then the limit
+            post = self.denoise(x, torch.where(at_inf, torch.ones_like(s), s), y)
+            return torch.where(at_inf[:, None], self.mean(y).to(x.dtype), post)
         logp, _, _ = self._parts(x, sigma, y)
         w = torch.softmax(logp, dim=1)
         _, yk, inv = self._parts(x, sigma, None)
         post = self.means[None] + torch.einsum("kij,bkj->bki", self.U, self.lam[None] * inv * yk)
         return (w[..., None] * post).sum(1).to(x.dtype)
+
+    def mean(self, y: Tensor | None = None) -> Tensor:
+        """E[x_0] as (1, d), or E[x_0 | y] per label as (B, d): the weighted means of the components."""
+        if y is None:
+            return (self.weights[:, None] * self.means).sum(0, keepdim=True)
+        w = torch.where(self.labels[None, :].to(y.device) == y[:, None], self.weights, torch.zeros_like(self.weights))
+        return (w @ self.means) / w.sum(1, keepdim=True)
 
     def eps(self, x: Tensor, sigma, y: Tensor | None = None) -> Tensor:
         """E[n | x] at level sigma, computed from the posterior of n (not from the denoiser)."""

@@ -9,31 +9,24 @@ spent and a sampler that overspends fails the run.
 Part 2 (bookkeeping time). With a near-free denoiser (x * 0.5) on one 4x64x64 float32 latent and
 one thread, the wall time per step is the solver machinery itself.
 
-Peers, run on the same exact denoiser and the same Karras rho=7 grid where they allow it:
-k-diffusion (only `k_diffusion/sampling.py` is loaded: its package __init__ imports torchvision)
-and diffusers schedulers (their models see exactly their input/output conventions; see
-`_edm_model` and `_vp_model`). Both are optional: a missing one is reported and skipped.
+This module runs unifusion's samplers only. Other libraries (k-diffusion, diffusers) plug in as a
+`Peers` from outside the package: benchmarks/peers.py, composed by benchmarks/samplers.py (`make bench`).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
-import importlib.util
 import math
 import os
 import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .. import samplers as uf_samplers
-from ..samplers import grids as uf_grids
 from ..samplers.registry import largest_steps
 from .mixture import GaussianMixture
 
@@ -41,7 +34,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 DEFAULT_NFES = (5, 8, 10, 15, 20, 50)
 # dim -> (mixture seed, batch); other dims use seed = dim, batch 128
 PROBLEMS = {2: (0, 256), 64: (1, 128)}
-PEER_GRIDS = ("karras", "loglinear")  # the grids diffusers' schedulers can build themselves
+PEERS_HINT = "peers (k-diffusion, diffusers) run from benchmarks/samplers.py (`make bench` installs them)"
 
 
 # --------------------------------------------------------------------------- counting and runners
@@ -59,11 +52,23 @@ class CountingDenoiser:
 @dataclass
 class Runner:
     """One sampler of one library: run(denoiser, noise, nfe) -> sample at sigma = 0."""
-    name: str  # 'uf:...', 'kd:...', 'hf:...'
+    name: str  # 'uf:...', or a peer's prefix ('kd:...', 'hf:...')
     run: Callable
 
 
-def _full(x: torch.Tensor, sigma: float) -> torch.Tensor:
+@dataclass
+class Peers:
+    """Other libraries' samplers, supplied from outside the package (benchmarks/peers.py).
+
+    runners(grid) -> (runners, notes): their samplers on the grid (an empty list where they lack it).
+    timing(denoiser, x0, nfe, repeats) -> ({sampler: {library: seconds per step}}, notes), for the
+    samplers of part 2 (TIMED), each solving from x0 with nfe calls of the near-free denoiser."""
+    runners: Callable[[str], tuple[list[Runner], list[str]]]
+    timing: Callable[[Callable, torch.Tensor, int, int], tuple[dict, list[str]]]
+
+
+def full_sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """sigma as the (B,) tensor a denoiser takes."""
     return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
 
@@ -90,219 +95,6 @@ def unifusion_runners(grid: str = "karras") -> list[Runner]:
                                           sigma_max=SIGMA_MAX, grid="tuned")
             out.append(Runner(f"uf:{name}@tuned", run))
     return out
-
-
-# --------------------------------------------------------------------------- k-diffusion
-_KD = None
-
-
-def _append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
-    """Trailing singleton dims so x broadcasts against a tensor with target_dims dims."""
-    extra = target_dims - x.ndim
-    if extra < 0:
-        raise ValueError(f"tensor has {x.ndim} dims, more than {target_dims}")
-    return x[(...,) + (None,) * extra]
-
-
-def load_k_diffusion():
-    """Import k_diffusion.sampling without running the package __init__ (which needs torchvision):
-    a stub package pointing at the installed directory plus a stub `utils` with append_dims."""
-    global _KD
-    if _KD is not None:
-        return _KD
-    if "k_diffusion.sampling" in sys.modules:
-        _KD = sys.modules["k_diffusion.sampling"]
-        return _KD
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed")
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = _append_dims
-    pkg.utils = utils
-    keys = ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling")
-    saved = {k: sys.modules.get(k) for k in keys}
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    try:
-        _KD = importlib.import_module("k_diffusion.sampling")
-    finally:  # leave sys.modules as it was, so a real `import k_diffusion` elsewhere is unaffected
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return _KD
-
-
-# label -> (function, keyword arguments, denoiser calls for n grid levels followed by 0)
-KD_SAMPLERS = {
-    "kd:euler": ("sample_euler", {}, lambda n: n),
-    "kd:heun": ("sample_heun", {}, lambda n: 2 * n - 1),
-    "kd:dpm_2": ("sample_dpm_2", {}, lambda n: 2 * n - 1),
-    "kd:lms": ("sample_lms", {}, lambda n: n),
-    "kd:dpmpp_2m": ("sample_dpmpp_2m", {}, lambda n: n),
-    "kd:dpmpp_2s_anc(eta=0)": ("sample_dpmpp_2s_ancestral", {"eta": 0.0}, lambda n: 2 * n - 1),
-    "kd:dpmpp_3m_sde(eta=0)": ("sample_dpmpp_3m_sde", {"eta": 0.0}, lambda n: n),
-}
-
-
-def kd_sigmas(kd, n: int, grid: str) -> torch.Tensor:
-    """n levels + 0: k-diffusion's own Karras grid (built in float64), else unifusion's grid."""
-    if grid != "karras":
-        return uf_grids.make(grid, n, SIGMA_MIN, SIGMA_MAX)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # get_sigmas_karras uses the default dtype
-    try:
-        return kd.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX, rho=7.0)
-    finally:
-        torch.set_default_dtype(prev)
-
-
-def kdiffusion_runners(grid: str = "karras") -> list[Runner]:
-    kd = load_k_diffusion()
-    out = []
-    for label, (fname, kwargs, cost) in KD_SAMPLERS.items():
-        def run(denoiser, noise, nfe, _f=getattr(kd, fname), _kw=kwargs, _cost=cost):
-            sigmas = kd_sigmas(kd, largest_steps(_cost, nfe), grid).to(noise.dtype)
-            # k-diffusion calls model(x, sigma * s_in): sigma is a (B,) tensor, as unifusion's contract
-            return _f(lambda x, sigma: denoiser(x, sigma), noise, sigmas, disable=True, **_kw)
-        out.append(Runner(label, run))
-    return out
-
-
-# --------------------------------------------------------------------------- diffusers
-def _vp_trained_betas(n_train: int = 1000) -> np.ndarray:
-    """Betas of a discrete VP process whose sigmas = sqrt((1 - abar) / abar) run geometrically
-    over [SIGMA_MIN, SIGMA_MAX], so the VP schedulers' Karras grid spans the benchmark's range."""
-    sig = np.exp(np.linspace(math.log(SIGMA_MIN), math.log(SIGMA_MAX), n_train))
-    abar = 1 / (1 + sig**2)
-    return 1 - abar / np.concatenate([[1.0], abar[:-1]])
-
-
-def _edm_model(sched, denoiser, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The network output F an EDM scheduler expects (prediction_type 'epsilon' = EDM's F):
-    it gets x_in = c_in x and turns F back into D = c_skip x + c_out F (precondition_outputs).
-    c_in, c_skip, c_out are computed as the scheduler computes them, from its own float32 sigma."""
-    sd = sched.config.sigma_data
-    c_in = 1 / ((sigma**2 + sd**2) ** 0.5)
-    c_skip = sd**2 / (sigma**2 + sd**2)
-    c_out = sigma * sd / (sigma**2 + sd**2) ** 0.5
-    x = x_in / c_in
-    D = denoiser(x, _full(x, sigma))
-    return (D - c_skip * x) / c_out
-
-
-def _vp_model(denoiser, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Epsilon prediction for a VP scheduler: x_t = alpha x with alpha = 1 / sqrt(1 + sigma^2),
-    sigma_t = sigma alpha (the scheduler's _sigma_to_alpha_sigma_t), eps = (x_t - alpha D) / sigma_t."""
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    sigma_t = sigma * alpha
-    x = x_t / alpha
-    D = denoiser(x, _full(x, sigma))
-    return (x_t - alpha * D) / sigma_t
-
-
-def _edm_loop(make_sched, denoiser, noise, nfe):
-    sched = make_sched()
-    sched.set_timesteps(nfe)  # n levels + final 0: one call per level
-    sched.set_begin_index(0)
-    x = noise
-    for i, t in enumerate(sched.timesteps):
-        x_in = sched.scale_model_input(x, t)
-        out = _edm_model(sched, denoiser, x_in, sched.sigmas[i])
-        x = sched.step(out, t, x).prev_sample
-        assert sched.step_index == i + 1
-    return x
-
-
-def _vp_loop(make_sched, denoiser, noise, nfe, final_denoise=False):
-    """The usual pipeline loop in the VP domain, from x_t = alpha(sigma_max) * noise.
-
-    final_denoise: the scheduler's grid ends at sigma_min with a zero-length last step (DEIS, or
-    final_sigmas_type='sigma_min'); spend that last call on returning D(x, sigma_min) instead, which
-    is what the step to sigma = 0 of final_sigmas_type='zero' returns."""
-    sched = make_sched()
-    sched.set_timesteps(nfe)
-    sched.set_begin_index(0)
-    s0 = sched.sigmas[0]
-    x = noise / ((s0**2 + 1) ** 0.5)
-    for i, t in enumerate(sched.timesteps):
-        sigma = sched.sigmas[i]
-        if final_denoise and i == len(sched.timesteps) - 1:
-            alpha = 1 / ((sigma**2 + 1) ** 0.5)
-            return denoiser(x / alpha, _full(x, sigma))
-        x = sched.scale_model_input(x, t)
-        out = _vp_model(denoiser, x, sigma)
-        x = sched.step(out, t, x).prev_sample
-        assert sched.step_index == i + 1
-    return x
-
-
-def diffusers_runners(grid: str = "karras") -> tuple[list[Runner], list[str]]:
-    """diffusers schedulers on the exact denoiser; returns (runners, notes)."""
-    import diffusers
-    from diffusers.utils import logging as dlogging
-    dlogging.set_verbosity_error()
-    if grid not in PEER_GRIDS:
-        return [], [f"diffusers schedulers skipped: they build only {list(PEER_GRIDS)} grids, not {grid!r}"]
-    edm_schedule = "karras" if grid == "karras" else "exponential"
-    vp_grid = {"use_karras_sigmas": True} if grid == "karras" else {"use_exponential_sigmas": True}
-    betas = _vp_trained_betas()
-
-    def edm(cls, **kw):
-        return lambda: cls(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=0.5, sigma_schedule=edm_schedule,
-                           prediction_type="epsilon", rho=7.0, final_sigmas_type="zero", **kw)
-
-    def vp(cls, **kw):
-        return lambda: cls(trained_betas=betas, prediction_type="epsilon", **vp_grid, **kw)
-
-    specs = [
-        ("hf:edm_euler", edm(diffusers.EDMEulerScheduler), _edm_loop),
-        ("hf:edm_dpmpp_2m", edm(diffusers.EDMDPMSolverMultistepScheduler, solver_order=2,
-                                algorithm_type="dpmsolver++"), _edm_loop),
-        ("hf:edm_dpmpp_3m", edm(diffusers.EDMDPMSolverMultistepScheduler, solver_order=3,
-                                algorithm_type="dpmsolver++"), _edm_loop),
-        ("hf:dpmpp_2m", vp(diffusers.DPMSolverMultistepScheduler, solver_order=2, algorithm_type="dpmsolver++",
-                           final_sigmas_type="zero"), _vp_loop),
-        ("hf:dpmpp_3m", vp(diffusers.DPMSolverMultistepScheduler, solver_order=3, algorithm_type="dpmsolver++",
-                           final_sigmas_type="zero"), _vp_loop),
-        # UniPC takes the range from sigma_min/sigma_max in its config, so it hits 0.002 exactly.
-        # bh1 with final_sigmas_type='zero' returns NaN (its last step multiplies B(h) = -h = -inf by 0),
-        # so it ends at sigma_min and that last call returns D(x, sigma_min): the same result as 'zero'
-        ("hf:unipc_bh1", vp(diffusers.UniPCMultistepScheduler, solver_order=2, solver_type="bh1",
-                            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, final_sigmas_type="sigma_min"),
-         lambda mk, d, x, n: _vp_loop(mk, d, x, n, final_denoise=True)),
-        ("hf:unipc_bh2", vp(diffusers.UniPCMultistepScheduler, solver_order=2, solver_type="bh2",
-                            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, final_sigmas_type="zero"), _vp_loop),
-        ("hf:deis_3", vp(diffusers.DEISMultistepScheduler, solver_order=3, algorithm_type="deis"),
-         lambda mk, d, x, n: _vp_loop(mk, d, x, n, final_denoise=True)),
-    ]
-    out = []
-    for label, make, loop in specs:
-        def run(denoiser, noise, nfe, _make=make, _loop=loop):
-            return _loop(_make, denoiser, noise, nfe)
-        out.append(Runner(label, run))
-
-    # the range each family really runs over (the VP ones are limited by float32 alphas_cumprod)
-    notes = [
-        "hf:* : diffusers keeps sigmas (and so its step coefficients) in float32; samples stay float64 "
-        "except where a scheduler casts them (EDMEuler, DPMSolverMultistep)",
-        f"hf:edm_* : range sigma {_range(specs[0][1])}, then 0",
-        f"hf:dpmpp_*, hf:deis_3 (VP, trained_betas): range sigma {_range(specs[3][1])} "
-        f"(float32 alphas_cumprod cannot represent sigma = 0.002 exactly), then 0",
-        f"hf:unipc_* (VP, sigma_min/sigma_max in config): range sigma {_range(specs[5][1])}, then 0",
-        "hf:deis_3, hf:unipc_bh1 : the grid ends at sigma_min with a zero-length last step; that last call "
-        "returns D(x, sigma_min) instead (DEIS has no final_sigmas_type; UniPC bh1 gives NaN with 'zero')",
-    ]
-    return out, notes
-
-
-def _range(make) -> str:
-    sched = make()
-    sched.set_timesteps(10)
-    pos = sched.sigmas[sched.sigmas > 0]
-    return f"{float(pos.max()):.6g} -> {float(pos.min()):.6g}"
 
 
 # --------------------------------------------------------------------------- part 1: accuracy
@@ -425,7 +217,8 @@ def plot(tables: list[AccuracyTable], path: str) -> None:
     families = sorted({_family(n) for t in tables for n in t.rows})
     cmap = plt.get_cmap("tab20" if len(families) > 10 else "tab10")
     colour = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
-    marker = {"uf": "o", "kd": "s", "hf": "^"}
+    libs = list(dict.fromkeys(n.split(":")[0] for t in tables for n in t.rows if not n.startswith("uf:")))
+    marker = {"uf": "o", **{lib: m for lib, m in zip(libs, "s^Dv<>p")}}
     for ax, t in zip(axes[0], tables):
         for name, res in t.rows.items():
             found = list(res.values()) + ([t.check[name]] if name in t.check else [])
@@ -450,7 +243,11 @@ def plot(tables: list[AccuracyTable], path: str) -> None:
 
 
 # --------------------------------------------------------------------------- part 2: timing
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+TIMED = ("euler", "dpmpp_2m", "heun", "unipc")  # the samplers part 2 times
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -460,7 +257,7 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def timing_table(nfe: int = 50, repeats: int = 7, peers: bool = True, shape=(1, 4, 64, 64)) -> str:
+def timing_table(nfe: int = 50, repeats: int = 7, peers: Peers | None = None, shape=(1, 4, 64, 64)) -> str:
     """Per-step wall time with a near-free denoiser, side by side, one thread, float32."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -478,46 +275,14 @@ def _timing_table(nfe, repeats, peers, shape) -> str:
 
     heun_n = largest_steps(lambda n: 2 * n - 1, nfe)
     steps = {"euler": nfe, "dpmpp_2m": nfe, "heun": heun_n, "unipc": nfe}  # grid intervals per solve
-    rows = {k: {} for k in steps}
-    for name in steps:
-        rows[name]["uf"] = _median_time(lambda: uf_samplers.sample(free, x0, name, nfe=nfe), repeats) / steps[name]
-
+    rows = {name: {} for name in TIMED}
+    for name in TIMED:
+        rows[name]["uf"] = median_time(lambda: uf_samplers.sample(free, x0, name, nfe=nfe), repeats) / steps[name]
     notes = []
-    if peers:
-        try:
-            kd = load_k_diffusion()
-            with torch.no_grad():
-                for name, fname, n in (("euler", "sample_euler", nfe), ("dpmpp_2m", "sample_dpmpp_2m", nfe),
-                                       ("heun", "sample_heun", heun_n)):
-                    sig = kd.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX)
-                    f = getattr(kd, fname)
-                    rows[name]["kd"] = _median_time(lambda: f(free, x0, sig, disable=True), repeats) / n
-        except ImportError:
-            notes.append("k-diffusion not installed (make bench installs it)")
-        try:
-            import diffusers
-            from diffusers.utils import logging as dlogging
-            dlogging.set_verbosity_error()
-
-            def loop(make):
-                sched = make()
-                sched.set_timesteps(nfe)
-                x = x0
-                for t in sched.timesteps:
-                    out = free(sched.scale_model_input(x, t), t)
-                    x = sched.step(out, t, x).prev_sample
-                return x
-
-            hf = {
-                "euler": lambda: diffusers.EDMEulerScheduler(),
-                "dpmpp_2m": lambda: diffusers.EDMDPMSolverMultistepScheduler(solver_order=2),
-                "unipc": lambda: diffusers.UniPCMultistepScheduler(use_karras_sigmas=True, solver_order=2),
-            }
-            with torch.no_grad():
-                for name, make in hf.items():
-                    rows[name]["hf"] = _median_time(lambda: loop(make), repeats) / nfe
-        except ImportError:
-            notes.append("diffusers not installed (make bench installs it)")
+    if peers is not None:
+        theirs, notes = peers.timing(free, x0, nfe, repeats)
+        for name, by_lib in theirs.items():
+            rows[name].update(by_lib)
 
     def us(v):
         return f"{v * 1e6:.1f}" if v is not None else "-"
@@ -525,38 +290,26 @@ def _timing_table(nfe, repeats, peers, shape) -> str:
     def ratio(a, b):
         return f"{a / b:.2f}" if a is not None and b is not None else "-"
 
-    cols = ["uf µs/step", "kd µs/step", "hf µs/step", "uf/kd", "uf/hf"]
+    libs = ["uf"] + list(dict.fromkeys(lib for r in rows.values() for lib in r if lib != "uf"))
+    cols = [f"{lib} µs/step" for lib in libs] + [f"uf/{lib}" for lib in libs[1:]]
     lines = [f"per-step time, near-free denoiser (x * 0.5), one {'x'.join(map(str, shape))} float32 latent, "
              f"torch.set_num_threads(1), NFE {nfe} (heun: {heun_n} steps), median of {repeats}",
              "sampler".ljust(10) + "".join(c.rjust(12) for c in cols)]
     for name, r in rows.items():
-        u, k, h = r.get("uf"), r.get("kd"), r.get("hf")
-        lines.append(name.ljust(10) + "".join(s.rjust(12) for s in (us(u), us(k), us(h), ratio(u, k), ratio(u, h))))
-    lines.append("peers timed: kd sample_euler / sample_dpmpp_2m / sample_heun; hf EDMEulerScheduler, "
-                 "EDMDPMSolverMultistepScheduler(order 2), UniPCMultistepScheduler(order 2, bh2) step loops "
-                 "(scale_model_input + step)")
-    lines += notes
+        cells = [us(r.get(lib)) for lib in libs] + [ratio(r.get("uf"), r.get(lib)) for lib in libs[1:]]
+        lines.append(name.ljust(10) + "".join(c.rjust(12) for c in cells))
+    lines += notes if peers is not None else [PEERS_HINT]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- entry point
-def build_runners(grid: str, peers: bool) -> tuple[list[Runner], list[str]]:
+def build_runners(grid: str, peers: Peers | None = None) -> tuple[list[Runner], list[str]]:
+    """unifusion's runners, then the peers' (if given), and the notes that describe them."""
     runners, notes = unifusion_runners(grid), []
-    if not peers:
-        return runners, notes
-    try:
-        runners += kdiffusion_runners(grid)
-        notes.append("kd:* = k-diffusion 0.1.1 sampling.py; " + (
-            "grid get_sigmas_karras(n, 0.002, 80, rho=7) + 0" if grid == "karras" else f"grid unifusion {grid!r} + 0"))
-    except ImportError:
-        print("k-diffusion not installed (make bench installs it)")
-    try:
-        hf, hf_notes = diffusers_runners(grid)
-        runners += hf
-        notes += hf_notes
-    except ImportError:
-        print("diffusers not installed (make bench installs it)")
-    return runners, notes
+    if peers is None:
+        return runners, [PEERS_HINT]
+    theirs, notes = peers.runners(grid)
+    return runners + theirs, notes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -564,11 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dims", type=int, nargs="+", default=list(PROBLEMS), help="mixture dimensions (default 2 64)")
     p.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_NFES), help="denoiser-call budgets")
     p.add_argument("--grid", default="karras", choices=["karras", "loglinear", "linear", "sd3"],
-                   help="sigma grid for every sampler (diffusers only builds karras and loglinear)")
+                   help="sigma grid for every sampler (diffusers' schedulers only build karras and loglinear)")
     p.add_argument("--batch", type=int, default=None, help="samples per problem (default 256 in 2-D, 128 in 64-D)")
     p.add_argument("--components", type=int, default=8, help="mixture components")
     p.add_argument("--check-nfe", type=int, default=200, help="extra NFE that checks convergence (0: off)")
-    p.add_argument("--no-peers", action="store_true", help="only unifusion's samplers")
+    p.add_argument("--no-peers", action="store_true", help="only unifusion's samplers (always so without peers)")
     p.add_argument("--no-timing", action="store_true", help="skip part 2 (per-step time)")
     p.add_argument("--timing-nfe", type=int, default=50)
     p.add_argument("--timing-repeats", type=int, default=7)
@@ -577,26 +330,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    """`unifusion bench samplers` / benchmarks/samplers.py: run, print the tables; exit status 0."""
-    run(argv)
+def main(argv=None, peers: Peers | None = None) -> int:
+    """`unifusion bench samplers` (ours only) / benchmarks/samplers.py (with peers): run, print the
+    tables; exit status 0."""
+    run(argv, peers)
     return 0
 
 
-def run(argv=None) -> dict:
+def run(argv=None, peers: Peers | None = None) -> dict:
     """Run the benchmark, print its tables; returns {'tables': [AccuracyTable], 'timing': str | None}."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _main(args)
+        return _main(args, None if args.no_peers else peers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _main(args: argparse.Namespace) -> dict:
+def _main(args: argparse.Namespace, peers: Peers | None) -> dict:
     t_start = time.perf_counter()
-    runners, notes = build_runners(args.grid, peers=not args.no_peers)
+    runners, notes = build_runners(args.grid, peers)
     print(f"# Samplers on exact Gaussian mixtures: RMSE of the final sample vs the exact PF-ODE solution "
           f"(DOP853, tol 1e-12), sigma {SIGMA_MAX:g} -> {SIGMA_MIN:g} -> 0, grid {args.grid}")
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s); "
@@ -621,7 +375,7 @@ def _main(args: argparse.Namespace) -> dict:
     print(f"\nwrote {csv_path} and {png_path}")
     timing = None
     if not args.no_timing:
-        timing = timing_table(args.timing_nfe, args.timing_repeats, peers=not args.no_peers)
+        timing = timing_table(args.timing_nfe, args.timing_repeats, peers)
         print("\n## per-step bookkeeping time")
         print(timing)
     print(f"\ntotal {time.perf_counter() - t_start:.1f} s")

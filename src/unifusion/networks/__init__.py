@@ -88,7 +88,11 @@ def from_description(desc: dict, **runtime) -> nn.Module:
     """Instantiate a description; `runtime` switches that do not change the weights
     (gradient_checkpointing) may be added."""
     desc = check_description(desc)
-    return NETWORKS[desc["class"]](**{**desc["kwargs"], **runtime})
+    kwargs = {**desc["kwargs"], **runtime}
+    try:
+        return NETWORKS[desc["class"]](**kwargs)
+    except (TypeError, ValueError) as e:  # e.g. hidden="wide": name the arguments, not the traceback
+        raise ValueError(f"network {desc['class']} cannot be built from {kwargs}: {e}") from None
 
 
 def build(name: str, **overrides) -> nn.Module:

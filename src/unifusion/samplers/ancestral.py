@@ -14,17 +14,24 @@ import torch
 from .registry import noise_like, register
 
 
+def ancestral_split(s: float, s_next: float, eta: float) -> tuple[float, float]:
+    """(s_down, s_up): a step s -> s_next as a deterministic step down to s_down plus fresh noise of
+    std s_up, with s_down^2 + s_up^2 = s_next^2. s_up = eta s' sqrt(1 - s'^2/s^2) is DDIM's
+    sigma_t(eta) divided by s(t') (Song et al. 2021a, eq. 16), k-diffusion's get_ancestral_step."""
+    s_up = min(s_next, eta * s_next * math.sqrt(max(0.0, 1 - (s_next / s) ** 2)))
+    return math.sqrt(s_next**2 - s_up**2), s_up
+
+
 @register("ddim", order=1)
 def ddim(denoise, x, sigmas, *, generator=None, eta=0.0, s_noise=1.0):
     """DDIM (Song et al. 2021a, eq. 12) with stochasticity eta; eta=0 is Euler, eta=1 is DDPM."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         D = denoise(x, s)
-        # DDIM's sigma_t(eta), divided by s(t'): the std of fresh noise added this step
-        c = min(s_next, eta * s_next * math.sqrt(max(0.0, 1 - (s_next / s) ** 2)))
-        # keep the predicted noise (x - D)/s at the level that remains, add fresh noise for the rest
-        x = D + (x - D) * (math.sqrt(s_next**2 - c**2) / s)
-        if c > 0:
-            x = x + noise_like(x, generator) * (c * s_noise)
+        s_down, s_up = ancestral_split(s, s_next, eta)
+        # keep the predicted noise (x - D)/s at the level s_down, add fresh noise for the rest
+        x = D + (x - D) * (s_down / s)
+        if s_up > 0:
+            x = x + noise_like(x, generator) * (s_up * s_noise)
     return x
 
 

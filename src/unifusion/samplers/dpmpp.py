@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .ancestral import ancestral_split
 from .expint import exp_weights
 from .registry import noise_like, register
 
@@ -64,8 +65,7 @@ def dpmpp_2s(denoise, x, sigmas, *, generator=None, eta=0.0, s_noise=1.0):
         if s_next == 0:
             return D
         # ancestral split: deterministic step down to s_down, fresh noise of std s_up on top
-        s_up = min(s_next, eta * s_next * math.sqrt(max(0.0, 1 - (s_next / s) ** 2)))
-        s_down = math.sqrt(s_next**2 - s_up**2)
+        s_down, s_up = ancestral_split(s, s_next, eta)
         s_mid = math.sqrt(s * s_down)  # lambda midpoint; s_mid / s = e^{-h/2} with h = log(s / s_down)
         u = torch.lerp(D, x, s_mid / s)  # e^{-h/2} x + (1 - e^{-h/2}) D
         x = torch.lerp(denoise(u, s_mid), x, s_down / s)

@@ -3,6 +3,9 @@
 Each function returns n levels from sigma_max down to sigma_min (n >= 1); `make` appends the
 final 0 (the denoised output). A process enters only through the grids it induces (uniform_t,
 ddpm, sd3, and "native": its paper's own choice), never inside a solver.
+
+sigma_max = inf (pure noise, flow time t = 1) is a grid's first level only where the grid is
+defined through flow time: uniform_t of a process that reaches sigma = inf (Flow), and sd3.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..processes import DDPM, Process
+from ..processes import DDPM, Flow, Process, shift_time, unshift_time
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -34,6 +37,9 @@ def linear(n: int, sigma_min: float, sigma_max: float) -> Tensor:
 def uniform_t(n: int, sigma_min: float, sigma_max: float, process: Process) -> Tensor:
     """Uniform in the process's own time t, mapped to sigma (score SDE, DDIM 'uniform' spacing)."""
     t_hi, t_lo = process.t(torch.tensor([sigma_max, sigma_min], dtype=torch.float64)).tolist()
+    if not math.isfinite(t_hi):  # e.g. VE, VP: sigma = inf is no time of theirs
+        raise ValueError(f"grid 'uniform_t': {process!r} has no time t with sigma = {sigma_max}; its range is "
+                         f"sigma {process.sigma_range()}. Pass a finite sigma_max, or use Flow (sigma = inf at t = 1)")
     return process.sigma(torch.linspace(t_hi, t_lo, n, dtype=torch.float64))
 
 
@@ -69,15 +75,13 @@ def ddpm(n: int, sigma_min: float, sigma_max: float, process: Process, spacing: 
 
 def sd3(n: int, sigma_min: float, sigma_max: float, shift: float = 3.0) -> Tensor:
     """SD3 (Esser et al. 2024, eq. 23): flow time t uniform, then t' = shift t / (1 + (shift-1) t)."""
-    def flow_t(sig):
-        return sig / (1 + sig)
-
-    def unshift(t):
-        return t / (shift - (shift - 1) * t)
-
-    u = torch.linspace(unshift(flow_t(sigma_max)), unshift(flow_t(sigma_min)), n, dtype=torch.float64)
-    t = shift * u / (1 + (shift - 1) * u)
-    return t / (1 - t)
+    flow = Flow()
+    # the unshifted flow times of the two ends (sigma_max = inf is t = 1, a fixed point of the shift)
+    u_hi, u_lo = unshift_time(flow.t(torch.tensor([sigma_max, sigma_min], dtype=torch.float64)), shift).tolist()
+    sig = flow.sigma(shift_time(torch.linspace(u_hi, u_lo, n, dtype=torch.float64), shift))
+    if math.isinf(sigma_max):  # t = 1 is a fixed point of the shift: keep it exact, whatever the rounding
+        sig[0] = math.inf
+    return sig
 
 
 def tuned(n: int, sigma_min: float, sigma_max: float, rho: float = 15.0, scale: float = 1.0) -> Tensor:
@@ -94,17 +98,28 @@ def tuned(n: int, sigma_min: float, sigma_max: float, rho: float = 15.0, scale: 
 GRIDS = {"karras": karras, "loglinear": loglinear, "linear": linear, "uniform_t": uniform_t,
          "ddpm": ddpm, "sd3": sd3, "tuned": tuned}
 NEEDS_PROCESS = {"uniform_t", "ddpm"}
+FROM_INF = {"uniform_t", "sd3"}  # the grids that can start at sigma_max = inf
 
 
 def make(grid, n: int, sigma_min: float, sigma_max: float, process: Process | None = None, **opts) -> Tensor:
-    """n decreasing noise levels from grid name (or a callable / tensor), followed by a final 0."""
+    """n decreasing noise levels from grid name (or a callable / tensor), followed by a final 0.
+
+    A tensor is taken as given (n, sigma_min are ignored; a final 0 is appended if missing) after
+    `check`; with sigma_max = inf it must start with inf."""
     if isinstance(grid, Tensor):
-        sig = grid.to(torch.float64)
-        return sig if float(sig[-1]) == 0 else torch.cat([sig, sig.new_zeros(1)])
+        sig = grid.detach().to("cpu", torch.float64)
+        if len(sig) == 0 or float(sig[-1]) != 0:
+            sig = torch.cat([sig, sig.new_zeros(1)])
+        return check(sig, sigma_max)
+    name = getattr(grid, "__name__", repr(grid)) if callable(grid) else repr(grid)
     if grid == "native":  # the process's own discretization
         if process is None:
             raise ValueError("grid 'native' needs process=... (e.g. unifusion.processes.VP())")
         grid = process.native_grid
+        name = f"'native' ({grid!r} for {process!r})"
+    if math.isinf(sigma_max) and not (isinstance(grid, str) and grid in FROM_INF):
+        raise ValueError(f"grid {name} cannot start at sigma_max=inf; use 'uniform_t', 'sd3' or 'native' (with a "
+                         f"process that reaches sigma = inf, e.g. Flow), or a finite sigma_max")
     if callable(grid):
         sig = grid(n, sigma_min, sigma_max, **opts)
     else:
@@ -115,4 +130,29 @@ def make(grid, n: int, sigma_min: float, sigma_max: float, process: Process | No
                 raise ValueError(f"grid {grid!r} needs process=... (e.g. unifusion.processes.VP())")
             opts = {**opts, "process": process}
         sig = GRIDS[grid](n, sigma_min, sigma_max, **opts)
-    return torch.cat([sig.to(torch.float64), sig.new_zeros(1, dtype=torch.float64)])
+    return check(torch.cat([sig.to(torch.float64), sig.new_zeros(1, dtype=torch.float64)]), sigma_max)
+
+
+def check(sig: Tensor, sigma_max: float) -> Tensor:
+    """Return sig if it is a grid: strictly decreasing positive levels and a final 0, finite except a
+    first level inf that goes with sigma_max = inf (and must be there then); else ValueError."""
+    levels = sig[:-1]
+    if len(levels) == 0:
+        raise ValueError("the grid has no noise level; give at least one sigma > 0")
+    if torch.isnan(sig).any():
+        raise ValueError(f"the grid holds NaN at index {int(torch.isnan(sig).nonzero()[0])}: {sig.tolist()}")
+    starts_inf = math.isinf(float(levels[0]))
+    if starts_inf != math.isinf(sigma_max):
+        raise ValueError("the grid starts at inf: pass sigma_max=float('inf') (and unit noise)" if starts_inf else
+                         f"sigma_max=inf, but the grid starts at {float(levels[0])}; start it with inf or pass "
+                         f"sigma_max={float(levels[0])}")
+    if torch.isinf(sig[1:]).any():
+        raise ValueError(f"the grid holds inf after its first level: {sig.tolist()}; only a first level inf "
+                         f"(with sigma_max=inf) is allowed")
+    if not (levels > 0).all():
+        raise ValueError(f"grid levels must be > 0 (only a final 0 is allowed): {sig.tolist()}")
+    if not (sig[1:] < sig[:-1]).all():
+        i = int((sig[1:] >= sig[:-1]).nonzero()[0]) + 1
+        raise ValueError(f"the grid must be strictly decreasing, but level {i} ({float(sig[i])}) >= level {i - 1} "
+                         f"({float(sig[i - 1])}); sort it from sigma_max down and drop repeats")
+    return sig

@@ -64,3 +64,8 @@ def get(name: str) -> Spec:
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A denoiser output or a solver state holds NaN or inf (a ValueError too, so callers that report
+    bad input in one line report this the same way)."""

@@ -74,7 +74,7 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def set_threads(requested: int, dist: Dist) -> int:
+def set_threads(requested: int = 0, device: torch.device | str = "cpu") -> int:
     """The intra-op thread policy for CPU work (measured in BENCHMARKS.md, "CPU threads").
 
     `requested` > 0 wins; else OMP_NUM_THREADS, when set, is left to torch; else AUTO: one thread
@@ -82,7 +82,7 @@ def set_threads(requested: int, dist: Dist) -> int:
     threads 4-10x slower as soon as another busy process shares the cores, while one thread
     loses little), and all but one of the rank's cores on bigger machines.
     """
-    if dist.device.type != "cpu":
+    if torch.device(device).type != "cpu":
         return torch.get_num_threads()
     if requested > 0:
         n = requested

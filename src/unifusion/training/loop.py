@@ -80,7 +80,7 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     """Train as `cfg` says; returns where the outputs went (and 'interrupted': bool)."""
     cfg.validate()
     dist = distributed.setup(cfg.device)
-    distributed.set_threads(cfg.threads, dist)
+    distributed.set_threads(cfg.threads, dist.device)
     device, rank, world = dist.device, dist.rank, dist.world_size
     out = Path(cfg.out)
     lock = run_dir.RunLock(out).acquire() if rank == 0 else None
