@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# train the embedded default (class-conditional digits), sample it, score the samples, then the exact-mixture sampler demo
+# train the embedded default (class-conditional digits; --overwrite replaces an earlier demo run), sample it,
+# score the samples, then the exact-mixture sampler demo
 demo: $(STAMP)
-	$(PY) -m unifusion train
+	$(PY) -m unifusion train --overwrite
 	$(PY) -m unifusion sample --checkpoint runs/digits --sampler dpmpp_2m --nfe 20 --seeds 0-99 \
 		--out runs/digits/samples.npz --grid runs/digits/samples_grid.png
 	$(PY) -m unifusion eval --checkpoint runs/digits

@@ -187,9 +187,34 @@ def child(folder: str, workers: int, steps: int, batch: int, interval: float) ->
             "procs": max(s[4] for s in mem.samples), "checksum": checksum, "samples": mem.samples}
 
 
+def train_child(folder: str, workers: int, steps: int, interval: float) -> dict:
+    """The real trainer on the folder (resized to 32x32, the unet-32 preset, batch 64): memory of
+    the process tree over the run, from the first step to the last."""
+    from unifusion import config
+    from unifusion.training import loop as L
+
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "log.jsonl"
+        mem = MemorySampler(interval, lambda: len(log.read_text().splitlines()) if log.exists() else 0)
+        mem.start()
+        cfg = config.from_dict({"data": folder, "image_size": 32, "network": "unet-32", "batch_size": 64,
+                                "steps": steps, "num_workers": workers, "log_every": 1, "sample_every": 0,
+                                "checkpoint_every": steps, "sample_nfe": 2, "out": d})
+        L._preview = lambda *a, **k: None  # the memory of training, not of drawing a grid
+        t0 = time.perf_counter()
+        L.train(cfg, progress=False)
+        seconds = time.perf_counter() - t0
+        mem.stop()
+    running = [s for s in mem.samples if s[1] >= 1]  # from the first logged step on
+    quarter = running[len(running) // 4]
+    return {"workers": workers, "steps": steps, "seconds": seconds, "pss_quarter": quarter[3],
+            "pss_end": running[-1][3], "pss_peak": max(s[3] for s in running), "procs": max(s[4] for s in running)}
+
+
 def run_child(args, workers: int) -> dict:
     cmd = [sys.executable, __file__, "--_child", str(workers), "--folder", str(args.folder), "--steps",
-           str(args.steps), "--batch", str(args.batch), "--interval", str(args.interval)]
+           str(args.steps), "--batch", str(args.batch), "--interval", str(args.interval),
+           "--train-steps", str(args.train_steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -217,14 +242,27 @@ def main() -> None:
     ap.add_argument("--gen-procs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--interval", type=float, default=0.25, help="memory sampling period (s)")
     ap.add_argument("--json", type=Path, default=None, help="also write every row and its samples here")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="instead: run the trainer this many steps on the folder per worker count")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child is not None:
-        print(json.dumps(child(str(args.folder), args._child, args.steps, args.batch, args.interval)))
+        if args.train_steps:
+            print(json.dumps(train_child(str(args.folder), args._child, args.train_steps, args.interval)))
+        else:
+            print(json.dumps(child(str(args.folder), args._child, args.steps, args.batch, args.interval)))
         return
     args.folder = args.folder or Path(tempfile.gettempdir()) / f"unifusion-data-stream-{args.n}"
     ensure_folder(args.folder, args.n, args.size, args.classes, args.gen_procs)
     rows = []
+    if args.train_steps:
+        print("| workers | processes | train steps | seconds | tree PSS at 1/4 MiB | tree PSS end MiB | peak MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for w in (int(s) for s in args.workers.split(",")):
+            r = run_child(args, w)
+            print(f"| {w} | {r['procs']} | {r['steps']} | {r['seconds']:.0f} | {r['pss_quarter']:.0f} | "
+                  f"{r['pss_end']:.0f} | {r['pss_peak']:.0f} |", flush=True)
+        return
     for w in (int(s) for s in args.workers.split(",")):
         rows.append(run_child(args, w))
         r = rows[-1]

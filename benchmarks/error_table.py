@@ -215,6 +215,8 @@ CASES: list[Case] = [
          r"^done\. outputs in run", stream="stdout",
          check=_both(_absent("run/samples/stale.png"), _present(f"{CKPT}/state.json", "run/model/spec.json")),
          doc="`run` holds a finished run (and a stale file, which must go)"),
+    Case("resume-beyond-steps", _run, ("train", "--out", "run", "--resume", "--steps", "2"), 2,
+         r"already at step 3, beyond --steps 2; to train further, resume with a larger --steps"),
     Case("resume-changed-lr", _run, ("train", "--out", "run", "--resume", "--lr", "0.5"), 2,
          r"--resume continues the stored run, whose --lr cannot change .*another --out"),
     Case("resume-changed-process", _run, ("train", "--out", "run", "--resume", "--process", "vp"), 2,

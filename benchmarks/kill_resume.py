@@ -6,7 +6,8 @@ to a run that was never interrupted?
 The recipe is the default (class-conditional digits, EDM, label dropout 0.1) shrunk to 40 steps of
 batch 32 with a checkpoint every step, so that a kill often lands inside a checkpoint write: the
 script records how many kills left a half-written `.tmp-*` checkpoint folder behind. `ddp` runs
-the same under `torchrun --nproc_per_node=2` (gloo) and kills the whole process group. Each
+the same under `torchrun --nproc_per_node=2` (gloo) and kills every process of the job (the
+launcher and both ranks) at the same moment. Each
 trial: start, sleep a random time (seeded), SIGKILL, resume to the end, compare every tensor of
 the final checkpoint (model, EMA, optimizer) with the uninterrupted run's.
 """
@@ -41,6 +42,20 @@ def command(mode: str, out: Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "unifusion", *args]
 
 
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = [int(k) for k in out]
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def final_tensors(out: Path) -> dict:
     from unifusion.training import checkpoint
     tensors, state = checkpoint.load(out)
@@ -56,13 +71,21 @@ def trial(mode: str, root: Path, reference: dict, delay: float) -> dict:
     out = root / "run"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(command(mode, out, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=env, start_new_session=True)
+    p = subprocess.Popen(command(mode, out, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     time.sleep(delay)
     finished = p.poll() is not None
     if not finished:
-        os.killpg(p.pid, signal.SIGKILL)
+        # every process of the job at once, as a crash of the machine would: torchrun starts its
+        # workers in sessions of their own, so walk the process tree instead of one process group
+        for pid in [p.pid] + descendants(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     p.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in descendants(p.pid)) and time.time() < deadline:
+        time.sleep(0.05)
     ckpts = out / "checkpoints"
     torn = ckpts.is_dir() and any(e.name.startswith(".tmp-") for e in ckpts.iterdir())
     step = 0
@@ -72,8 +95,10 @@ def trial(mode: str, root: Path, reference: dict, delay: float) -> dict:
     r = subprocess.run(command(mode, out, True), capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0:
         return {"delay": delay, "killed_at": step, "torn": torn, "ok": False, "error": r.stderr[-500:]}
-    return {"delay": delay, "killed_at": step, "torn": torn, "ok": identical(final_tensors(out), reference),
-            "finished_before_kill": finished}
+    # the run's final outputs are there too (a kill after the last checkpoint resumes straight to them)
+    complete = (out / "model" / "spec.json").is_file() and (out / "samples" / "latest.png").is_file()
+    return {"delay": delay, "killed_at": step, "torn": torn, "finished_before_kill": finished,
+            "ok": complete and identical(final_tensors(out), reference)}
 
 
 def run_mode(mode: str, trials: int, seed: int) -> list[dict]:

@@ -26,14 +26,7 @@ TINY = {
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these nets are so small that OpenMP barriers, not FLOPs, set the time; with a second
-    # thread on a shared machine every op can wait out a scheduler slice (tests ran 10x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Labelled(torch.nn.Module):

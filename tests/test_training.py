@@ -258,3 +258,40 @@ def test_example_configs_are_valid_and_digits_is_the_default():
     for p in examples:
         C.load(str(p))  # every key known, every value valid
     assert C.load(str(Path(__file__).parent.parent / "examples" / "digits.yaml")) == C.TrainConfig()
+
+
+def test_resuming_a_run_killed_after_its_last_checkpoint_writes_its_outputs(tmp_path):
+    import shutil
+    res = L.train(tiny(tmp_path, steps=4), progress=False)
+    shutil.rmtree(Path(res["out"]) / "model")
+    (Path(res["out"]) / "loss.png").unlink()
+    again = L.train(tiny(tmp_path, steps=4, resume=True), progress=False)
+    assert Path(again["model"], "spec.json").is_file() and Path(again["loss_curve"]).is_file()
+    assert again["checkpoint"] == res["checkpoint"]
+    with pytest.raises(ValueError, match="beyond --steps 3"):
+        L.train(tiny(tmp_path, steps=3, resume=True), progress=False)
+
+
+def test_ranks_checkpoint_and_stop_when_the_launcher_is_killed(tmp_path):
+    """kill -9 of torchrun alone: its ranks (in sessions of their own) get SIGTERM from Linux, save
+    one checkpoint at the same step and exit, instead of training on as orphans."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFUSION_DIST_TIMEOUT": "30"}
+    p = subprocess.Popen(_torchrun(2, out, steps=100000, checkpoint_every=100000, log_every=1),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.3)
+    workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2, workers
+    p.kill()
+    p.wait()
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+              for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert time.time() < deadline, "the ranks kept running after their launcher died"
+    _, state = checkpoint.load(out)
+    assert state["step"] >= 3

@@ -38,13 +38,21 @@ def _version() -> str:
 def parser() -> argparse.ArgumentParser:
     from .. import config
     from ..samplers import grids, names
-    fmt = argparse.RawDescriptionHelpFormatter
+    class fmt(argparse.RawDescriptionHelpFormatter):
+        """Examples kept as written, and every option's default shown (unless its help names it)."""
+
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                return text
+            return f"{text} (default: %(default)s)"
     p = argparse.ArgumentParser(prog="unifusion", description="Diffusion and flow models from one formulation.")
     p.add_argument("--version", action="version", version=f"unifusion {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample an exact 2-D Gaussian mixture with several samplers and plot it")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="sample an exact 2-D Gaussian mixture with several samplers and plot it",
+                          formatter_class=fmt)
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the mixture and the noise")
 
     sub.add_parser("train", help="train a model; no arguments trains the embedded default (digits)", add_help=False,
                    formatter_class=fmt, usage="unifusion train [CONFIG.yaml] [--key value ...]",
@@ -57,8 +65,8 @@ def parser() -> argparse.ArgumentParser:
                                               "--seeds 0-63 --out s.npz --grid s.png")
     sm.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint folder "
                                                         "or a model folder (spec.json + weights)")
-    sm.add_argument("--sampler", default="dpmpp_2m", help="sampler name (default dpmpp_2m; list below)")
-    sm.add_argument("--nfe", type=int, default=20, help="denoiser-call budget (default 20)")
+    sm.add_argument("--sampler", default="dpmpp_2m", help="sampler name (list below)")
+    sm.add_argument("--nfe", type=int, default=20, help="denoiser-call budget")
     sm.add_argument("--n", type=int, default=None, help="how many samples (default: one per seed)")
     sm.add_argument("--seeds", default=None, help="e.g. 0-63 or 1,5,9 (default 0..n-1)")
     sm.add_argument("--out", required=True, help="output .npz: x (N, C, H, W) in [-1, 1], and y when conditional")
@@ -66,9 +74,9 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--noise-grid", default=None, help="sigma grid (default: the model's own, usually 'native')")
     sm.add_argument("--sigma-min", type=float, default=None, help="default: the model's own range")
     sm.add_argument("--sigma-max", type=float, default=None, help="default: the model's own range (inf: pure noise)")
-    sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (default 1 = conditional)")
+    sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional)")
     sm.add_argument("--label", type=int, default=None, help="one class for all samples (default seed %% classes)")
-    sm.add_argument("--batch-size", type=int, default=256, help="samples per batch (default 256)")
+    sm.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     sm.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
     ev = sub.add_parser("eval", help="sample a model and score it: FID/KID/precision/recall, accuracy, "

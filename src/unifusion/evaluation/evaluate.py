@@ -329,7 +329,7 @@ def _items(text: str, what: str, cast=float) -> list:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation (default dpmpp_2m)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation")
     p.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the single evaluation")
     p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned (default: the model's "
                                                 "own, usually native)")
@@ -340,11 +340,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="samplers of the sweep")
     p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
     p.add_argument("--cfg-scales", default="1", help="classifier-free guidance scales, e.g. 1,1.5,2,3 (1 = conditional)")
-    p.add_argument("--n", type=int, default=1500, help="samples per setting (default 1500)")
+    p.add_argument("--n", type=int, default=1500, help="samples per setting")
     p.add_argument("--nll", type=int, default=0, metavar="N", help="also PF-ODE bits/dim of N held-out examples")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll (default 1)")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll")
     p.add_argument("--inception", default=None, help="Inception-v3 weights (.safetensors) for FID on other images")
-    p.add_argument("--batch-size", type=int, default=500, help="samples per batch (default 500)")
+    p.add_argument("--batch-size", type=int, default=500, help="samples per batch")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 

@@ -112,7 +112,7 @@ class DiffusionModel(Model):
             gen = torch.Generator(device=device).manual_seed(generator_seed + start)
             x = S.sample(den, z, sampler, nfe=nfe, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
                          grid=grid, generator=gen, cond=c, process=self.process, grid_options=grid_options,
-                         **options)
+                         progress=progress and len(chunks) == 1, **options)  # one batch: a bar over its calls
             outs.append(self.decode(x).cpu())
         x = torch.cat(outs)
         return (x, cond) if return_cond else x

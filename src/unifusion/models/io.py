@@ -25,7 +25,8 @@ def save(model, folder: str | Path, ema: dict[str, Tensor] | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     safeio.save_safetensors(model.state_dict(), out / WEIGHTS_FILE)
     if ema is not None:
-        safeio.save_safetensors({k: v for k, v in ema.items() if not k.startswith(_EMA_BOOKKEEPING)}, out / EMA_FILE)
+        own = model.state_dict()
+        safeio.save_safetensors({k: v for k, v in ema.items() if k in own}, out / EMA_FILE)
     safeio.atomic_write(out / SPEC_FILE, model.spec.to_json() + "\n")
     return out
 
@@ -60,6 +61,9 @@ def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tens
 def load_weights(model, weights: dict[str, Tensor], where: str) -> None:
     """load_state_dict(strict) with one readable line when the weights are another network's."""
     own = model.state_dict()
+    # an EMA also tracks non-persistent buffers (DiT's fixed position codes): not part of the weights
+    transient = {name for name, _ in model.named_buffers()} - set(own)
+    weights = {k: v for k, v in weights.items() if k not in transient}
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k}: file {tuple(weights[k].shape)} vs spec {tuple(own[k].shape)}"

@@ -68,10 +68,27 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        _die_with_launcher()
     if world > 1 and not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("UNIFUSION_DIST_TIMEOUT", "120")))
         tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, world, local, dev)
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a launcher killed with SIGKILL (an OOM
+    kill, `kill -9`) would leave the ranks training on, orphaned. Ask Linux to send this rank
+    SIGTERM when its parent dies: the loop then checkpoints and stops on every rank together."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        raise RuntimeError("the torchrun launcher of this rank has died; restart the job")
 
 
 def set_threads(requested: int = 0, device: torch.device | str = "cpu") -> int:

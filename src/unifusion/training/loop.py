@@ -99,25 +99,8 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         run_dir.prepare(out, cfg.resume, cfg.overwrite)
     dist.barrier()
 
-    # ---- data and model
-    source = datasets.load(cfg.data, **C.data_options(cfg))
-    B = cfg.batch_size
-    if B % (world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {B} must be divisible by ranks x --grad-accum = {world} x {cfg.grad_accum}")
-    micro = B // (world * cfg.grad_accum)
-    spec = C.model_spec(cfg, source)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
-    model = models.build(spec).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_half_life)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
-    if cfg.precision == "fp16" and scaler is None:
-        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-           else torch.autocast(device.type, dtype=torch.float16) if cfg.precision == "fp16" else nullcontext())
-
     # ---- resume: the stored config must describe the same run (config.resumed merges the CLI's flags)
-    start, state = 0, {}
+    tensors, state, start = {}, {}, 0
     if cfg.resume and last is None and rank == 0:
         print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
     if last is not None:
@@ -131,25 +114,48 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
             raise ValueError(f"cannot resume {last}: the run was started with other "
                              f"{', '.join(C.flag(k) for k in differ)}; resume with `unifusion train --out {out} "
                              f"--resume` alone, or start a new run in another --out")
+        start = state["step"]
+        if start > cfg.steps:
+            raise ValueError(f"the run in {out} is already at step {start}, beyond --steps {cfg.steps}; to train "
+                             f"further, resume with a larger --steps")
+
+    # ---- data and model (a resumed run keeps the spec it was started with)
+    source = datasets.load(cfg.data, **C.data_options(cfg))
+    B = cfg.batch_size
+    if B % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {B} must be divisible by ranks x --grad-accum = {world} x {cfg.grad_accum}")
+    micro = B // (world * cfg.grad_accum)
+    spec = models.ModelSpec.from_dict(state["spec"]) if state else C.model_spec(cfg, source)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
+    model = models.build(spec).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_half_life)
+    if state:
         models.io.load_weights(model, tensors["model"], str(last))
         ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
-        start = state["step"]
         if rank == 0:
             print(f"resumed from {last} at step {start}")
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
+    if cfg.precision == "fp16" and scaler is None:
+        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+           else torch.autocast(device.type, dtype=torch.float16) if cfg.precision == "fp16" else nullcontext())
     log_path = out / "log.jsonl"
     if rank == 0:
         run_dir.truncate_log(log_path, start)
 
     batches = datasets.StepBatches(source, cfg.seed, B, world, rank, start, cfg.num_workers, end_step=cfg.steps)
-    first = next(batches)
-    datasets.check_batch(first, need_cond=spec.num_classes > 0)
-    _check_model_takes(model, first, spec, device)
+    first = None
+    if start < cfg.steps:  # (a run killed after its last checkpoint resumes straight to its final outputs)
+        first = next(batches)
+        datasets.check_batch(first, need_cond=spec.num_classes > 0)
+        _check_model_takes(model, first, spec, device)
     net = dist.wrap(torch.compile(model) if cfg.compile else model)
     tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    bad, t0, last_ckpt, interrupted, window = state.get("bad_steps", 0), time.time(), None, False, []
+    bad, t0, last_ckpt, interrupted, window = state.get("bad_steps", 0), time.time(), last, False, []
     with _Interrupt() as stop, batches:
         for step in range(start, cfg.steps):
             local = first if step == start else next(batches)

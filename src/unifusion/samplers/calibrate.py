@@ -1,0 +1,650 @@
+"""Calibrated grids: fit one sampler's sigma grid, at one NFE, to one denoiser.
+
+A fixed recipe (Karras, `tuned`) places the noise levels the same way for every model; the best
+places depend on the model's curvature. `calibrate` solves the PF-ODE accurately from a few noises
+(the reference), then moves the sampler's levels to minimise the RMSE of its final samples against
+that reference (the idea of "Align Your Steps", Sabour et al. 2024, and LD3, Tong et al. 2025,
+measured here on the final sample only), and reports the error on held-out noises beside the Karras
+and `tuned` grids. The result is a `Calibration`, saved as JSON, that `uf.sample(grid=...)` accepts.
+
+The grid is parametrised so that it is always valid: from log sigma_max down to log sigma_min the
+log-sigma span is cut into pieces by softmax(z); the pieces are the gaps between levels, plus a last
+piece below the last level (slack), so the last level floats above sigma_min where that helps (with
+few steps a call at sigma ~ 0.002 is nearly wasted, as `grids.tuned` found). Levels are strictly
+decreasing for every z.
+
+Two optimisers:
+- 'powell' / 'nelder-mead' (derivative-free, scipy.optimize on z): run the registered samplers
+  unchanged, so they work for every fixed-step sampler and any denoiser.
+- 'gradient': L-BFGS on z through small differentiable re-implementations of the solvers (`DIFFERENTIABLE`,
+  tested to match the registered ones to 1e-10); needs a denoiser that autograd can go through.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import grids
+from .expint import lagrange_weights
+from .registry import get
+
+FORMAT = "unifusion.calibration"
+VERSION = 1
+METHODS = ("powell", "nelder-mead", "gradient")
+DEFAULT_REFERENCE = {"rtol": 1e-6, "atol": 1e-6, "max_nfe": 2000}
+INF_TOP = 10.0  # from sigma_max = inf the first finite level may float up to INF_TOP x its initial value
+
+
+# --------------------------------------------------------------------------- the result
+@dataclass
+class Calibration:
+    """A sigma grid fitted for one (sampler, NFE, options, sigma range), and how well it did.
+
+    rmse_fit / rmse_val: RMSE of the final samples against the reference on the fit noises and on
+    the held-out ones, for 'calibrated' and the baseline grids ('karras', 'tuned'; from sigma_max =
+    inf: 'uniform_t', 'sd3'). seconds: {'reference', 'fit'} wall time."""
+    sampler: str
+    nfe: int
+    sigmas: Tensor  # float64, strictly decreasing, ending with 0
+    sigma_min: float
+    sigma_max: float
+    options: dict = field(default_factory=dict)  # the sampler's options it was fitted with
+    rmse_fit: dict = field(default_factory=dict)
+    rmse_val: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    n_ref: int = 0
+    n_val: int = 0
+    method: str = ""
+    evaluations: int = 0  # objective evaluations (each: one solve of the fit noises)
+    reference: dict = field(default_factory=dict)  # how the reference was solved
+
+    def grid_for(self, sampler: str, nfe: int | None, options: dict | None = None) -> Tensor:
+        """The sigmas, after checking they were calibrated for this sampler, NFE and options;
+        ValueError otherwise (a grid fitted for one pair is no better than a guess for another)."""
+        if sampler != self.sampler or (nfe is not None and nfe != self.nfe):
+            asked = f"{sampler} at NFE {nfe}" if nfe is not None else sampler
+            raise ValueError(f"this grid was calibrated for {self.sampler} at NFE {self.nfe}, not {asked}; "
+                             f"calibrate again for that pair (uf.samplers.calibrate)")
+        spec = get(sampler)
+        mine, theirs = {**spec.defaults, **self.options}, {**spec.defaults, **(options or {})}
+        if mine != theirs:
+            diff = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+            raise ValueError(f"this grid was calibrated for {sampler} with options {self.options or 'default'}; "
+                             f"these differ (calibrated, given): {diff}; calibrate again with those options")
+        return self.sigmas.clone()
+
+    def check_range(self, sigma_min: float, sigma_max: float) -> None:
+        """ValueError unless (sigma_min, sigma_max) is the range it was calibrated on."""
+        def same(a, b):
+            return a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
+        if not (same(sigma_min, self.sigma_min) and same(sigma_max, self.sigma_max)):
+            raise ValueError(f"this grid was calibrated for sigma {self.sigma_max:g} -> {self.sigma_min:g}, not "
+                             f"{sigma_max:g} -> {sigma_min:g}; pass sigma_min={self.sigma_min!r}, "
+                             f"sigma_max={self.sigma_max!r} (and noise scaled by that sigma_max) or calibrate again")
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sigmas"] = [_num(s) for s in self.sigmas.tolist()]
+        d["sigma_min"], d["sigma_max"] = _num(self.sigma_min), _num(self.sigma_max)
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "calibration") -> "Calibration":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{where} is not a unifusion calibration file (no \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise ValueError(f"{where}: calibration format version {d.get('version')!r}; this unifusion reads "
+                             f"version {VERSION}")
+        d = {k: v for k, v in d.items() if k not in ("format", "version")}
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+        try:
+            d["sigmas"] = torch.tensor([_unnum(s) for s in d["sigmas"]], dtype=torch.float64)
+            d["sigma_min"], d["sigma_max"] = _unnum(d["sigma_min"]), _unnum(d["sigma_max"])
+            cal = cls(**d)
+            get(cal.sampler)
+            grids.check(cal.sigmas, cal.sigma_max)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: not a valid calibration: {e}") from None
+        return cal
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON (atomically: the old file or the new one, never a mix)."""
+        from ..safeio import atomic_write
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"calibration file {p} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not JSON ({e})") from None
+        return cls.from_dict(d, where=str(p))
+
+    def summary(self) -> str:
+        """One line per grid: its fit and held-out RMSE."""
+        lines = [f"{self.sampler} at NFE {self.nfe}, sigma {self.sigma_max:g} -> {self.sigma_min:g}, {self.method}, "
+                 f"{self.evaluations} evaluations, reference {self.seconds.get('reference', 0):.1f} s + fit "
+                 f"{self.seconds.get('fit', 0):.1f} s; n_ref {self.n_ref}, n_val {self.n_val}"]
+        for name in self.rmse_fit:
+            val = self.rmse_val.get(name)
+            lines.append(f"  {name:10s} fit RMSE {self.rmse_fit[name]:.3e}" +
+                         (f"   held-out RMSE {val:.3e}" if val is not None else ""))
+        lines.append("  sigmas " + ", ".join(f"{s:.4g}" for s in self.sigmas.tolist()))
+        return "\n".join(lines)
+
+
+def _num(v: float):
+    return "inf" if math.isinf(v) else v
+
+
+def _unnum(v):
+    return math.inf if v == "inf" else float(v)
+
+
+def resolve(grid, sampler: str, nfe: int | None, options: dict, sigma_min: float, sigma_max: float) -> Tensor:
+    """The sigmas of a Calibration (or of a calibration JSON file) for sample(), checked against the
+    sampler, NFE, options and sigma range it is used with."""
+    cal = grid if isinstance(grid, Calibration) else Calibration.load(grid)
+    sig = cal.grid_for(sampler, nfe, options)
+    cal.check_range(sigma_min, sigma_max)
+    return sig
+
+
+def is_calibration(grid) -> bool:
+    """A Calibration, or a path to a .json file (what sample(grid=...) sends to `resolve`)."""
+    return isinstance(grid, Calibration) or (isinstance(grid, (str, Path)) and str(grid).endswith(".json"))
+
+
+# --------------------------------------------------------------------------- the grid parametrisation
+class GridParam:
+    """sigmas(z): the first level (sigma_max, or inf), then `levels - 1` levels exp(log_hi - cumsum(w)),
+    w = softmax(z) * (log_hi - log sigma_min): the log span from log_hi down to sigma_min cut into pieces.
+    log_hi is log sigma_max, or from inf log `top` (so the first finite level floats below top).
+    float_last: one more piece, the slack under the last level, lets it float above sigma_min;
+    without it the last level is sigma_min."""
+
+    def __init__(self, levels: int, sigma_min: float, sigma_max: float, top: float | None = None,
+                 float_last: bool = True):
+        self.inf = math.isinf(sigma_max)
+        self.levels, self.float_last = levels, float_last  # positive levels, inf included
+        self.log_hi, self.log_lo = math.log(top if self.inf else sigma_max), math.log(sigma_min)
+        self.size = levels - 1 + float_last  # pieces of the span = len(z)
+
+    @property
+    def free(self) -> int:
+        """Degrees of freedom (softmax ignores a shift of z)."""
+        return max(self.size - 1, 0)
+
+    def sigmas(self, z: Tensor) -> Tensor:
+        w = torch.softmax(z, 0) * (self.log_hi - self.log_lo)
+        levels = (self.log_hi - torch.cumsum(w, 0)[: self.levels - 1]).exp()
+        head = torch.full((1,), math.inf if self.inf else math.exp(self.log_hi), dtype=z.dtype)
+        return torch.cat([head, levels, z.new_zeros(1)])
+
+    def init(self, sig: Tensor) -> Tensor:
+        """z with sigmas(z) = the grid `sig` (its levels after the first), pieces floored at a small size."""
+        pos = [float(s) for s in sig if float(s) > 0][1:]
+        if len(pos) != self.levels - 1:
+            raise ValueError(f"the initial grid has {len(pos) + 1} positive levels, not {self.levels}")
+        u = [self.log_hi] + [math.log(s) for s in pos]
+        gaps = [a - b for a, b in zip(u[:-1], u[1:])] + ([u[-1] - self.log_lo] if self.float_last else [])
+        span = self.log_hi - self.log_lo
+        gaps = [max(g, 1e-3 * span / self.size) for g in gaps]
+        return torch.tensor([math.log(g / sum(gaps)) for g in gaps], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- differentiable solvers
+# The registered solvers keep their coefficients as Python floats (fast, but autograd cannot see the
+# grid). These re-derive the same updates with the grid as a tensor, for method='gradient' only;
+# tests/test_calibrate.py checks each against the registered solver to 1e-10 on fixed grids.
+def _euler_t(denoise, x, sig, **_):
+    for i in range(len(sig) - 1):
+        D = denoise(x, sig[i])
+        x = D + (sig[i + 1] / sig[i]) * (x - D)
+    return x
+
+
+def _dpmpp_2m_t(denoise, x, sig, **_):
+    D_prev = h_prev = None
+    for i in range(len(sig) - 1):
+        D = denoise(x, sig[i])
+        if sig[i + 1].item() == 0:
+            return D
+        h = torch.log(sig[i] / sig[i + 1])
+        Dt = D if D_prev is None else D_prev + (1 + h / (2 * h_prev)) * (D - D_prev)
+        x = Dt + (sig[i + 1] / sig[i]) * (x - Dt)
+        D_prev, h_prev = D, h
+    return x
+
+
+_AB = [[1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
+
+
+def _ipndm_t(denoise, x, sig, *, order=4):
+    hist = []
+    for i in range(len(sig) - 1):
+        hist = [(x - denoise(x, sig[i])) / sig[i]] + hist[: order - 1]
+        for c, d in zip(_AB[len(hist) - 1], hist):
+            x = x + d * (c * (sig[i + 1] - sig[i]))
+    return x
+
+
+def _moments_t(h: Tensor, p: int) -> list[Tensor]:
+    """expint.moments with h a tensor: m_k = int_0^h e^{-(h - tau)} tau^k dtau, k < p."""
+    if h.item() < 1.0:  # the positive series, as in expint.moments
+        out = []
+        for k in range(p):
+            term, total, j = h ** (k + 1), 0.0, 0
+            while True:
+                add = term / (j + k + 1)
+                total = total + add
+                if add.item() < 1e-17 * total.item():
+                    break
+                j += 1
+                term = term * h / j
+            out.append(torch.exp(-h) * total)
+        return out
+    out = [-torch.expm1(-h)]
+    for k in range(1, p):
+        out.append(h ** k - k * out[-1])
+    return out
+
+
+def _low_order_end(order: int, have: int, left: int, lower_order_final: bool, n: int) -> int:
+    """The order a multistep step uses (as in dpmpp_3m and unipc): warm start, lower order at the end."""
+    k = min(order, have, left) if lower_order_final and n < 15 else min(order, have)
+    return max(k, 1)
+
+
+def _dpmpp_3m_t(denoise, x, sig, *, order=3, lower_order_final=True):
+    n = len(sig) - 1
+    lam = -torch.log(sig[:-1])
+    Ds = []
+    for i in range(n):
+        D = denoise(x, sig[i])
+        if sig[i + 1].item() == 0:
+            return D
+        Ds = ([D] + Ds)[:order]
+        k = _low_order_end(order, len(Ds), n - 1 - i, lower_order_final, n)
+        h = lam[i + 1] - lam[i]
+        w = lagrange_weights([lam[i - j] - lam[i] for j in range(k)], _moments_t(h, k))
+        x = x * torch.exp(-h)
+        for wj, Dj in zip(w, Ds[:k]):
+            x = x + Dj * wj
+    return x
+
+
+def _unipc_coefficients_t(h: Tensor, rks: list, variant: str) -> list:
+    """unipc.unipc_coefficients with h a tensor."""
+    from .unipc import _solve
+    if len(rks) == 1:
+        return [0.5]
+    hh = -h
+    phi1 = torch.expm1(hh)
+    B = hh if variant == "bh1" else phi1
+    g, fact, b = phi1 / hh - 1, 1, []
+    for k in range(1, len(rks) + 1):
+        b.append(g * fact / B)
+        fact *= k + 1
+        g = g / hh - 1 / fact
+    return _solve([[r ** (k - 1) for r in rks] for k in range(1, len(rks) + 1)], b)
+
+
+def _unipc_t(denoise, x, sig, *, order=2, variant="bh2", corrector=True, lower_order_final=True,
+             final_corrector=False):
+    def B(h):
+        return -h if variant == "bh1" else torch.expm1(-h)
+
+    def base(x, D0, h, a, rks, Ds):
+        out = x * torch.exp(-h) + D0 * (-torch.expm1(-h))
+        for ak, rk, Dk in zip(a, rks, Ds[1:]):
+            out = out - (Dk - D0) * (B(h) * ak / rk)
+        return out
+
+    n = len(sig) - 1
+    lam = -torch.log(sig[:-1])
+    hist, last = [], None
+    for i in range(n):
+        D = denoise(x, sig[i])
+        if corrector and last is not None:
+            x_prev, h, rks, Ds = last
+            a = _unipc_coefficients_t(h, rks + [1.0], variant)
+            x_c = base(x_prev, Ds[0], h, a[:-1], rks, Ds) - (D - Ds[0]) * (B(h) * a[-1])
+            if sig[i + 1].item() == 0 and final_corrector:
+                return D + (x_c - x)
+            x = x_c
+        hist = [(lam[i], D)] + hist[: max(order, 1) - 1]
+        if sig[i + 1].item() == 0:
+            return D
+        p = _low_order_end(order, len(hist), n - 1 - i, lower_order_final, n)
+        h = lam[i + 1] - lam[i]
+        rks = [(hist[k][0] - lam[i]) / h for k in range(1, p)]
+        Ds = [hd[1] for hd in hist[:p]]
+        a = _unipc_coefficients_t(h, rks, variant) if p > 1 else []
+        last = (x, h, rks, Ds)
+        x = base(x, D, h, a, rks, Ds)
+    return x
+
+
+DIFFERENTIABLE = {"euler": _euler_t, "ddim": _euler_t, "dpmpp_2m": _dpmpp_2m_t, "ipndm": _ipndm_t,
+                  "dpmpp_3m": _dpmpp_3m_t, "unipc": _unipc_t}
+
+
+def solve_differentiable(sampler: str, denoiser, noise: Tensor, sigmas: Tensor, cond: dict | None = None,
+                         **options) -> Tensor:
+    """The registered sampler's result on the grid `sigmas` (a tensor, which may require grad),
+    differentiable in the grid (and in the denoiser's parameters). From sigmas[0] = inf the first step
+    is `first_step`'s: x_1 = D(n, inf) + sigma_1 n."""
+    if sampler not in DIFFERENTIABLE:
+        raise ValueError(f"no differentiable {sampler!r}; method='gradient' works for {sorted(DIFFERENTIABLE)}")
+    if sampler == "ddim" and options.get("eta", 0.0) != 0:
+        raise ValueError("ddim with eta > 0 is stochastic; calibrate the deterministic samplers")
+    options = {k: v for k, v in options.items() if k != "eta"}
+    cond, batch = cond or {}, noise.shape[0]
+
+    def denoise(x, s):
+        return denoiser(x, s.to(x.dtype).expand(batch), **cond)
+
+    x = noise
+    if math.isinf(sigmas[0].item()):
+        D_inf = denoise(noise, sigmas[0].detach())
+        if sigmas[1].item() == 0:
+            return D_inf
+        x, sigmas = D_inf + noise * sigmas[1].to(noise.dtype), sigmas[1:]
+    return DIFFERENTIABLE[sampler](denoise, x, sigmas.to(noise.device), **options)
+
+
+# --------------------------------------------------------------------------- calibrate
+class ReferenceNotConverged(RuntimeError):
+    """The reference PF-ODE solve did not reach sigma_min within its budget."""
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+              n_ref: int = 64, n_val: int = 64, cond=None, process=None, seed: int = 0, method: str = "gradient",
+              init="tuned", dtype: torch.dtype = torch.float64, device=None, reference=None,
+              time_budget_s: float | None = None, max_evals: int | None = None, batch_size: int | None = None,
+              float_last: bool = True, options: dict | None = None, progress: bool = False) -> Calibration:
+    """Fit `sampler`'s sigma grid at `nfe` denoiser calls to `denoiser`; see the module docstring.
+
+    denoiser(x, sigma: Tensor(B,), **cond) -> E[x_0 | x], as for uf.sample. shape: one example's
+    shape, e.g. (2,) or (1, 8, 8). The noises (seeded by `seed`): n_ref to fit on, n_val held out;
+    unit randn scaled by sigma_max (sigma_max = inf: unit noise, the grid starts at inf, as in sample).
+    cond: a dict of tensors with n_ref + n_val rows (fit rows first), or a callable
+        cond(split, n) -> dict of n rows with split 'fit' or 'val' (e.g. different labels for each).
+    method: 'gradient' (L-BFGS through a differentiable copy of the solver; euler, ddim, dpmpp_2m,
+        ipndm, dpmpp_3m, unipc; the denoiser must be differentiable), 'powell' or 'nelder-mead'
+        (derivative-free, the registered solver unchanged; any fixed-step deterministic sampler).
+    init: the starting grid: a grid name ('tuned', 'karras', ...), a tensor, or 'best' (the better
+        baseline on the fit noises). From sigma_max = inf, 'tuned' and 'karras' mean 'uniform_t'.
+    reference: dopri5 options {'rtol', 'atol', 'max_nfe'} (default DEFAULT_REFERENCE), or a callable
+        reference(noise, cond) -> the exact final samples. A dopri5 solve that does not reach
+        sigma_min within max_nfe raises ReferenceNotConverged.
+    time_budget_s / max_evals: stop the optimiser after this many seconds / objective evaluations
+        (the best grid so far is kept). batch_size: examples per denoiser call (default: all).
+    float_last: let the last level rise above sigma_min (else it stays at sigma_min).
+    options: the sampler's own keywords; sample() then checks they are the same.
+    """
+    from . import _plan, sample  # the package's sample and its grid planning (same levels as sample uses)
+
+    spec = get(sampler)
+    options = dict(options or {})
+    if spec.stochastic or spec.adaptive:
+        raise ValueError(f"calibrate fits the grid of a deterministic fixed-step sampler; {sampler!r} is "
+                         f"{'stochastic' if spec.stochastic else 'adaptive'}")
+    if sampler == "ddim" and options.get("eta", 0.0) != 0:
+        raise ValueError("ddim with eta > 0 is stochastic; calibrate it with eta=0 (or calibrate euler)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if method == "gradient" and sampler not in DIFFERENTIABLE:
+        raise ValueError(f"method='gradient' has differentiable solvers for {sorted(DIFFERENTIABLE)}, not "
+                         f"{sampler!r}; use method='powell'")
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if n_ref < 1 or n_val < 0:
+        raise ValueError(f"need n_ref >= 1 and n_val >= 0, got n_ref={n_ref}, n_val={n_val}")
+    inf = math.isinf(sigma_max)
+    t_start = time.perf_counter()
+
+    # ---- the noises, their conditions, the reference
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_ref + n_val, *shape, generator=g, dtype=torch.float64)
+    z = (z if inf else z * sigma_max).to(device=device, dtype=dtype)
+    noise = {"fit": z[:n_ref], "val": z[n_ref:]}
+    conds = _split_cond(cond, n_ref, n_val, device)
+    chunks = {k: _chunks(noise[k], conds[k], batch_size) for k in noise}
+    ref_info, ref = _reference(reference, denoiser, chunks, sigma_min, sigma_max)
+    t_ref = time.perf_counter() - t_start
+
+    # ---- the grids: baselines and init, planned exactly as sample() plans them
+    def plan(grid):
+        return torch.tensor(_plan(spec, dict(options), nfe, None, grid, sigma_min, sigma_max,
+                                  process if process is not None else _flow(), {}), dtype=torch.float64)
+
+    base_names = ("uniform_t", "sd3") if inf else ("karras", "tuned")
+    baselines = {name: plan(name) for name in base_names}
+
+    def run(sig, split):
+        """RMSE of the registered sampler on `split` with grid sig."""
+        sse, count = 0.0, 0
+        for (x, c), r in zip(chunks[split], ref[split]):
+            with torch.no_grad():
+                out = sample(denoiser, x, sampler, nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, grid=sig,
+                             cond=c, **options)
+            sse += float((out.double() - r.double()).pow(2).sum())
+            count += out.numel()
+        return math.sqrt(sse / count) if math.isfinite(sse) else math.inf
+
+    rmse_fit = {name: run(sig, "fit") for name, sig in baselines.items()}
+    if isinstance(init, Tensor):
+        start = grids.make(init, 0, sigma_min, sigma_max)
+    elif init == "best":
+        start = baselines[min(rmse_fit, key=rmse_fit.get)]
+    elif inf and init in ("tuned", "karras"):
+        start = baselines["uniform_t"]
+    else:
+        start = baselines[init] if init in baselines else plan(init)
+    levels = int((start > 0).sum())
+    if levels != int((baselines[base_names[0]] > 0).sum()):
+        raise ValueError(f"the initial grid has {levels} levels; {sampler} at NFE {nfe} uses "
+                         f"{int((baselines[base_names[0]] > 0).sum())} (plus the final 0)")
+    top = INF_TOP * float(start[1]) if inf else None
+    param = GridParam(levels, sigma_min, sigma_max, top=top, float_last=float_last)
+
+    # ---- fit
+    t_fit = time.perf_counter()
+    best = {"loss": math.inf, "z": param.init(start), "evals": 0}
+
+    def loss_of(zz: Tensor) -> float:
+        if time_budget_s is not None and time.perf_counter() - t_fit > time_budget_s:
+            raise _OutOfTime
+        if max_evals is not None and best["evals"] >= max_evals:
+            raise _OutOfTime
+        best["evals"] += 1
+        e = run(param.sigmas(zz), "fit")
+        val = math.log(e) if e > 0 and math.isfinite(e) else 1e3
+        if val < best["loss"]:
+            best.update(loss=val, z=zz.detach().clone())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
+        return val
+
+    from tqdm.auto import tqdm
+    bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}", unit="eval", disable=not progress, leave=False)
+    if param.free == 0:
+        method_used = "none (no free level)"
+        loss_of(best["z"])
+    else:
+        method_used = method
+        try:
+            if method == "gradient":
+                _fit_gradient(param, best, loss_of, sampler, denoiser, chunks["fit"], ref["fit"], options,
+                              time_budget_s, t_fit, max_evals, bar)
+            else:
+                _fit_scipy(method, param, best, loss_of)
+        except _OutOfTime:
+            method_used += " (stopped by its budget)"
+    bar.close()
+    sig = param.sigmas(best["z"]).detach()
+    seconds_fit = time.perf_counter() - t_fit
+
+    rmse_fit = {"calibrated": run(sig, "fit"), **rmse_fit}
+    rmse_val = ({name: run(s, "val") for name, s in {"calibrated": sig, **baselines}.items()} if n_val else {})
+    return Calibration(sampler=sampler, nfe=nfe, sigmas=sig, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+                       options=options, rmse_fit=rmse_fit, rmse_val=rmse_val,
+                       seconds={"reference": round(t_ref, 3), "fit": round(seconds_fit, 3)}, n_ref=n_ref,
+                       n_val=n_val, method=method_used, evaluations=best["evals"], reference=ref_info)
+
+
+def _flow():
+    from ..processes import Flow
+    return Flow()
+
+
+def _split_cond(cond, n_ref: int, n_val: int, device) -> dict:
+    """{'fit': dict, 'val': dict} of per-example condition tensors."""
+    if cond is None:
+        return {"fit": {}, "val": {}}
+    if callable(cond):
+        out = {"fit": cond("fit", n_ref), "val": cond("val", n_val) if n_val else {}}
+    elif isinstance(cond, dict):
+        out = {"fit": {k: v[:n_ref] for k, v in cond.items()}, "val": {k: v[n_ref:] for k, v in cond.items()}}
+        for k, v in cond.items():
+            if len(v) != n_ref + n_val:
+                raise ValueError(f"cond[{k!r}] has {len(v)} rows; it needs n_ref + n_val = {n_ref + n_val} "
+                                 f"(fit rows first), or pass a callable cond(split, n)")
+    else:
+        raise ValueError(f"cond must be a dict of tensors or a callable cond(split, n), got {type(cond).__name__}")
+    for split, n in (("fit", n_ref), ("val", n_val)):
+        if not isinstance(out[split], dict):
+            raise ValueError(f"cond({split!r}, {n}) must return a dict of tensors, got {type(out[split]).__name__}")
+        for k, v in out[split].items():
+            if n and len(v) != n:
+                raise ValueError(f"cond for {split!r}: {k!r} has {len(v)} rows, not {n}")
+        out[split] = {k: v.to(device) if device is not None else v for k, v in out[split].items()}
+    return out
+
+
+def _chunks(x: Tensor, cond: dict, batch_size: int | None) -> list[tuple[Tensor, dict]]:
+    n = len(x)
+    if n == 0:
+        return []
+    step = batch_size or n
+    return [(x[i:i + step], {k: v[i:i + step] for k, v in cond.items()}) for i in range(0, n, step)]
+
+
+def _reference(reference, denoiser, chunks: dict, sigma_min: float, sigma_max: float) -> tuple[dict, dict]:
+    """The exact final samples per split (list per chunk), and how they were computed."""
+    from . import sample
+    if callable(reference):
+        ref = {k: [reference(x, c) for x, c in v] for k, v in chunks.items()}
+        info = {"kind": "given"}
+    else:
+        opts = {**DEFAULT_REFERENCE, **(reference or {})}
+        unknown = set(opts) - set(DEFAULT_REFERENCE)
+        if unknown:
+            raise ValueError(f"reference options {sorted(unknown)} unknown; give {sorted(DEFAULT_REFERENCE)} "
+                             f"(dopri5) or a callable reference(noise, cond)")
+        calls = [0]
+
+        def counted(x, s, **c):
+            calls[0] += 1
+            return denoiser(x, s, **c)
+
+        ref = {}
+        for split, parts in chunks.items():
+            ref[split] = []
+            for x, c in parts:
+                try:
+                    ref[split].append(sample(counted, x, "dopri5", nfe=opts["max_nfe"], sigma_min=sigma_min,
+                                             sigma_max=sigma_max, cond=c, rtol=opts["rtol"], atol=opts["atol"]))
+                except RuntimeError as e:
+                    if "max_nfe" not in str(e):
+                        raise
+                    raise ReferenceNotConverged(
+                        f"the reference solve (dopri5, rtol={opts['rtol']}, atol={opts['atol']}) did not reach "
+                        f"sigma_min={sigma_min} within max_nfe={opts['max_nfe']} denoiser calls; pass "
+                        f"reference={{'max_nfe': {4 * opts['max_nfe']}}} (or looser rtol/atol). A grid fitted to an "
+                        f"unfinished reference would fit its error") from None
+        info = {"kind": "dopri5", **opts, "calls": calls[0]}
+    for split, parts in ref.items():
+        for r, (x, _) in zip(parts, chunks[split]):
+            if r.shape != x.shape or not torch.isfinite(r).all():
+                raise ReferenceNotConverged(f"the reference samples ({split}) are not finite or have shape "
+                                            f"{tuple(r.shape)} for noise {tuple(x.shape)}")
+    return info, ref
+
+
+def _fit_scipy(method: str, param: GridParam, best: dict, loss_of) -> None:
+    """Powell or Nelder-Mead on z[1:] - z[0] (softmax ignores a common shift)."""
+    from scipy.optimize import minimize
+
+    z0 = best["z"]
+
+    def f(v):
+        return loss_of(torch.cat([z0.new_zeros(1), torch.as_tensor(v, dtype=torch.float64)]))
+
+    x0 = (z0[1:] - z0[0]).numpy()
+    if method == "powell":
+        minimize(f, x0, method="Powell", options={"xtol": 1e-3, "ftol": 1e-4, "maxfev": 100000})
+    else:
+        import numpy as np
+        simplex = np.vstack([x0] + [x0 + 0.5 * np.eye(len(x0))[i] for i in range(len(x0))])
+        minimize(f, x0, method="Nelder-Mead",
+                 options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4, "maxfev": 100000,
+                          "adaptive": len(x0) > 5})
+
+
+def _fit_gradient(param, best, loss_of, sampler, denoiser, fit_chunks, fit_ref, options, time_budget_s, t_fit,
+                  max_evals, bar) -> None:
+    """L-BFGS (strong Wolfe line search) on z; log RMSE through the differentiable solver."""
+    z = best["z"].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=10_000, tolerance_grad=1e-7, tolerance_change=1e-6,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        if time_budget_s is not None and time.perf_counter() - t_fit > time_budget_s:
+            raise _OutOfTime
+        if max_evals is not None and best["evals"] >= max_evals:
+            raise _OutOfTime
+        opt.zero_grad()
+        sse, count = 0.0, 0
+        for (x, c), r in zip(fit_chunks, fit_ref):
+            out = solve_differentiable(sampler, denoiser, x, param.sigmas(z), c, **options)
+            part = (out.double() - r.double()).pow(2).sum()
+            part.backward()  # per chunk, so only one chunk's graph is alive
+            sse += part.item()
+            count += out.numel()
+        best["evals"] += 1
+        if not math.isfinite(sse) or sse <= 0:
+            z.grad = torch.zeros_like(z)
+            return torch.tensor(1e3, dtype=torch.float64)
+        z.grad = z.grad * (0.5 / sse)  # d/dz of log sqrt(sse / count)
+        val = 0.5 * math.log(sse / count)
+        if val < best["loss"]:
+            best.update(loss=val, z=z.detach().clone())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
+        return torch.tensor(val, dtype=torch.float64)
+
+    opt.step(closure)
