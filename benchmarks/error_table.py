@@ -322,6 +322,12 @@ def make_run(out: Path, inprocess: bool = False) -> Path:
     return out
 
 
+def screen_lines(text: str) -> list[str]:
+    """The non-empty lines a terminal shows: a progress bar redraws itself with carriage returns,
+    so only the text after the last one on each line stays on the screen."""
+    return [s for s in (line.split("\r")[-1] for line in text.split("\n")) if s.strip()]
+
+
 def problems(case: Case, code: int | None, out: str, err: str, folder: Path) -> list[str]:
     """What is wrong with one outcome (empty: the case behaves as it should)."""
     found = []
@@ -332,7 +338,7 @@ def problems(case: Case, code: int | None, out: str, err: str, folder: Path) -> 
     if "Traceback" in err:
         found.append("printed a traceback")
     if case.code == 2:
-        lines = err.strip().splitlines()
+        lines = screen_lines(err)
         if len(lines) != 1 or not lines[0].startswith("unifusion: error: "):
             found.append(f"stderr is not one `unifusion: error:` line ({len(lines)} lines)")
     text = err if case.stream == "stderr" else out
@@ -351,7 +357,7 @@ def message(code: int | None, out: str, err: str) -> str:
         lines = out.strip().splitlines()
         first = lines[0] if lines else ""
         return first + (f" ... ({len(lines)} lines)" if len(lines) > 1 else "")
-    lines = err.strip().splitlines()
+    lines = screen_lines(err)
     if "Traceback" in err:
         return f"(traceback) {lines[-1] if lines else ''}"
     return lines[-1] if lines else "(nothing on stderr)"

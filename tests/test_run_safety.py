@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import unifusion as uf
-from benchmarks.error_table import CASES, STEP, TINY_FLAGS, make_run, run_case, unifusion
+from benchmarks.error_table import CASES, STEP, TINY_FLAGS, make_run, run_case, screen_lines, unifusion
 from unifusion import cli
 from unifusion import config as C
 from unifusion.training import checkpoint, run_dir
@@ -36,7 +36,7 @@ def _copy(run: Path, to: Path) -> Path:
 
 
 def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
+    lines = screen_lines(err)  # what the terminal shows (a progress bar redraws itself with \r)
     assert len(lines) == 1 and lines[0].startswith("unifusion: error: "), f"not one error line: {err!r}"
     assert "Traceback" not in err
     return lines[0]

@@ -295,3 +295,24 @@ def test_ranks_checkpoint_and_stop_when_the_launcher_is_killed(tmp_path):
     assert time.time() < deadline, "the ranks kept running after their launcher died"
     _, state = checkpoint.load(out)
     assert state["step"] >= 3
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_its_own_config(tmp_path):
+    """The config is stored in <out>/config.json before step 0, so `--out DIR --resume` after a
+    kill -9 before any checkpoint restarts the same run, not the default one."""
+    out = tmp_path / "run"
+    p = subprocess.Popen(_cli("train", *_train_args(out, steps=30, checkpoint_every=100000, log_every=1)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    p.kill()
+    p.wait()
+    assert not (out / "checkpoints").exists() or checkpoint.latest(out) is None
+    res = subprocess.run(_cli("train", "--out", str(out), "--resume"), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _, state = checkpoint.load(out)
+    assert state["step"] == 30 and state["config"]["data"] == "moons" and state["config"]["network"] == "mlp-2d"
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 31))

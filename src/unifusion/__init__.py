@@ -3,5 +3,5 @@ from . import guidance, likelihood, parametrizations, processes, samplers
 from .samplers import sample
 from . import models  # noqa: E402  (the model layer builds on the modules above)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["sample", "samplers", "processes", "parametrizations", "guidance", "likelihood", "models"]

@@ -32,15 +32,9 @@ def resolve(tokens: list[str]) -> C.TrainConfig:
     cfg = C.from_dict(given)
     if not cfg.resume:
         return cfg
-    from ..training import checkpoint
-    last = checkpoint.latest(Path(cfg.out))
-    if last is None:
-        return cfg
-    _, state = checkpoint.load(last)
-    if not isinstance(state.get("config"), dict):
-        raise ValueError(f"cannot resume from {last}: its state.json has no 'config' (edited by hand?); "
-                         "start a new run with --overwrite or another --out")
-    return C.resumed(state["config"], given)
+    from ..training import run_dir
+    stored = run_dir.stored_config(Path(cfg.out))
+    return cfg if stored is None else C.resumed(stored, given)
 
 
 def run_train(tokens: list[str]) -> int:

@@ -46,11 +46,9 @@ def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tens
                          f"(a model folder, a checkpoint folder or the run folder)")
     tensors, state = checkpoint.load(p)
     if "spec" not in state:
-        if "config" in state:
-            raise ValueError(f"{p} was written before the model layer (unifusion 0.1: no model spec in "
-                             f"state.json) and cannot be loaded by this version; retrain it")
-        raise ValueError(f"{p} holds no model spec ({checkpoint.STATE_FILE} has no 'spec'); it is not a "
-                         "unifusion checkpoint, or it was edited by hand")
+        raise ValueError(f"{p} holds no model spec ({checkpoint.STATE_FILE} has no 'spec': written by unifusion "
+                         "0.1, before the model layer, or edited by hand) and cannot be loaded; load the run's "
+                         "model folder (<run>/model) if it has one, or retrain")
     spec = ModelSpec.from_dict(state["spec"], where=f"{p} ({checkpoint.STATE_FILE})")
     if "model" not in tensors:
         raise ValueError(f"checkpoint {p} has no model weights (model.safetensors)")

@@ -97,6 +97,10 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     last = checkpoint.latest(out) if cfg.resume else None
     if rank == 0:
         run_dir.prepare(out, cfg.resume, cfg.overwrite)
+        stored = run_dir.stored_config(out) if cfg.resume else None
+        if stored is not None:  # the same run, or refuse (config.resumed merges the CLI's flags)
+            _check_same_run(cfg, stored, out)
+        C.save(cfg, out / run_dir.CONFIG)
     dist.barrier()
 
     # ---- resume: the stored config must describe the same run (config.resumed merges the CLI's flags)
@@ -108,12 +112,6 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         if "spec" not in state or "config" not in state:
             raise ValueError(f"cannot resume from {last}: its state.json has no config/spec (written by an "
                              "older unifusion, or edited by hand); start a new run with --overwrite")
-        differ = sorted(k for k in cfg.to_dict() if k not in C.RESUME_SAFE
-                        and state["config"].get(k) != getattr(cfg, k))
-        if differ:
-            raise ValueError(f"cannot resume {last}: the run was started with other "
-                             f"{', '.join(C.flag(k) for k in differ)}; resume with `unifusion train --out {out} "
-                             f"--resume` alone, or start a new run in another --out")
         start = state["step"]
         if start > cfg.steps:
             raise ValueError(f"the run in {out} is already at step {start}, beyond --steps {cfg.steps}; to train "
@@ -226,6 +224,14 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
         result["model"] = str(models.save(model, out / "model", ema.state_dict()))
     return result
+
+
+def _check_same_run(cfg, stored: dict, out: Path) -> None:
+    differ = sorted(k for k in cfg.to_dict() if k not in C.RESUME_SAFE and stored.get(k) != getattr(cfg, k))
+    if differ:
+        raise ValueError(f"cannot resume {out}: the run was started with other "
+                         f"{', '.join(C.flag(k) for k in differ)}; resume with `unifusion train --out {out} "
+                         f"--resume` alone, or start a new run in another --out")
 
 
 def _rows(batch: dict, sl) -> dict:

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 LOCK = ".lock"
-RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png")  # what a unifusion run leaves
+CONFIG = "config.json"  # the run's config, written before step 0 (so --resume works before any checkpoint)
+RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png", CONFIG)  # what a unifusion run leaves
 
 
 class RunLock:
@@ -73,3 +74,24 @@ def truncate_log(log: Path, step: int) -> None:
             continue  # a torn last line from a killed run
     from ..safeio import atomic_write
     atomic_write(log, "".join(line + "\n" for line in kept))
+
+
+def stored_config(out: Path) -> dict | None:
+    """The config a run in `out` was started with: its latest checkpoint's, else <out>/config.json."""
+    from . import checkpoint
+    last = checkpoint.latest(out)
+    if last is not None:
+        _, state = checkpoint.load(last)
+        if not isinstance(state.get("config"), dict):
+            raise ValueError(f"cannot resume from {last}: its state.json has no 'config' (edited by hand?); "
+                             "start a new run with --overwrite or another --out")
+        return state["config"]
+    p = Path(out) / CONFIG
+    if p.is_file():
+        try:
+            d = json.loads(p.read_text())
+        except ValueError:
+            raise ValueError(f"{p} is not valid JSON; start a new run with --overwrite") from None
+        if isinstance(d, dict):
+            return d
+    return None
