@@ -16,9 +16,10 @@ import tempfile
 import time
 
 
-def bare(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
+def bare(network: str, steps: int, batch: int, grad_ckpt: bool, threads: int) -> float:
     """EDM-preconditioned denoising loss, forward/backward/AdamW: nothing else."""
     import torch
+    torch.set_num_threads(threads)
 
     from unifusion import data, networks
     torch.manual_seed(0)
@@ -46,19 +47,17 @@ def bare(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
     return statistics.median(times[steps // 3:])
 
 
-def ours(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
+def ours(network: str, steps: int, batch: int, grad_ckpt: bool, threads: int) -> float:
     """The real trainer (EMA, seeded draws, finite check, logging) with no checkpoint or sampling
     inside the timed window: the per-step time from its JSONL log."""
     from pathlib import Path
-
-    import torch
 
     from unifusion import config
     from unifusion.training.loop import train
     with tempfile.TemporaryDirectory() as d:
         cfg = config.from_dict({"network": network, "steps": steps, "batch_size": batch, "out": d,
                                 "checkpoint_every": steps, "sample_every": 0, "sample_nfe": 1, "log_every": 1,
-                                "grad_checkpointing": grad_ckpt, "grad_clip": 0.0, "threads": torch.get_num_threads()})
+                                "grad_checkpointing": grad_ckpt, "grad_clip": 0.0, "threads": threads})
         import unifusion.training.loop as L
         L._preview = lambda *a, **k: Path(d) / "none.png"  # the final sample grid is not a train step
         L._loss_curve = lambda *a, **k: Path(d) / "none.png"
@@ -70,7 +69,7 @@ def ours(network: str, steps: int, batch: int, grad_ckpt: bool) -> float:
 
 def child(args):
     fn = ours if args.which == "ours" else bare
-    t = fn(args.network, args.steps, args.batch, args.grad_ckpt)
+    t = fn(args.network, args.steps, args.batch, args.grad_ckpt, args.threads)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"step_s": t, "peak_mib": peak}))
 
@@ -83,19 +82,22 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--which", choices=["ours", "bare"])
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads on both sides (1: the trainer's "
+                                                           "default on <= 4 cores)")
     args = p.parse_args()
     if args.which:
         return child(args)
     import torch
     print(f"# train step, {args.network}, batch {args.batch}, digits 8x8, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median step time over the last 2/3 of {args.steps} steps, "
+          f"{args.threads} thread(s) on both sides; median step time over the last 2/3 of {args.steps} steps, "
           f"median of {args.repeats} alternating subprocess runs")
     rows = {}
     for ckpt in (False, True):
         for _ in range(args.repeats):
             for which in ("ours", "bare"):
                 cmd = [sys.executable, __file__, "--which", which, "--network", args.network, "--steps",
-                       str(args.steps), "--batch", str(args.batch)] + (["--grad-ckpt"] if ckpt else [])
+                       str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)] + \
+                    (["--grad-ckpt"] if ckpt else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 rows.setdefault((which, ckpt), []).append(json.loads(out))
     print(f"{'loop':6s} {'grad ckpt':>9s} {'ms/step':>8s} {'images/s':>9s} {'peak RSS MiB':>13s}")

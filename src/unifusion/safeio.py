@@ -53,7 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fsync_path(final.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp), tmp):
+        if isinstance(exc, OSError) and exc.strerror and exc.filename in (None, str(tmp), tmp):
             exc.filename = str(final)  # name the file the user asked for, not our temporary
         raise
 

@@ -92,6 +92,30 @@ def parser() -> argparse.ArgumentParser:
                                "--cfg-scales 0,1,1.5,2,3,5\n\n" + sampler_list)
     from ..evaluation.evaluate import add_arguments
     add_arguments(ev)
+    ca = sub.add_parser("calibrate", help="fit a sampler's sigma grid at one NFE to a trained model",
+                        formatter_class=fmt,
+                        description="Solve the PF-ODE accurately from --n-ref noises, move the sampler's noise "
+                                    "levels to minimise the final-sample error against that reference, and report "
+                                    "the error on --n-val other noises next to the karras and tuned grids.",
+                        epilog="examples:\n"
+                               "  unifusion calibrate --checkpoint runs/digits --sampler dpmpp_2m --nfe 10\n"
+                               "  unifusion calibrate --checkpoint runs/digits --sampler ipndm --nfe 5 "
+                               "--fit-labels 0-4 --val-labels 5-9\n"
+                               "  unifusion eval --checkpoint runs/digits --sampler dpmpp_2m --nfe 10 "
+                               "--grid karras,tuned,calibrated\n\n" + sampler_list)
+    ca.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint folder or a model folder")
+    ca.add_argument("--sampler", default="dpmpp_2m", help="a deterministic fixed-step sampler")
+    ca.add_argument("--nfe", type=int, default=10, help="the denoiser-call budget to calibrate for")
+    ca.add_argument("--n-ref", type=int, default=64, help="noises fitted on")
+    ca.add_argument("--n-val", type=int, default=64, help="held-out noises the report is measured on")
+    ca.add_argument("--method", default="auto", help="gradient | powell | nelder-mead | auto")
+    ca.add_argument("--fit-labels", default=None, help="class labels of the fit noises, e.g. 0-4 (default all)")
+    ca.add_argument("--val-labels", default=None, help="class labels of the held-out noises, e.g. 5-9 (default all)")
+    ca.add_argument("--seed", type=int, default=0, help="seed of the noises")
+    ca.add_argument("--out", default=None, help="calibration JSON (default <run>/calibration/SAMPLER-nfeN.json)")
+    ca.add_argument("--save-to-model", action="store_true",
+                    help="also store it in the model folder's spec.json as the default grid for this sampler and NFE")
+    ca.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench.add_argument("what", choices=["samplers"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -103,7 +127,7 @@ def _main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.command != "train":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("sample", "eval"):
+    if args.command in ("sample", "eval", "calibrate"):
         from ..training.distributed import set_threads
         set_threads()  # the CPU thread policy of training applies to sampling too
     if args.command == "demo":
@@ -121,6 +145,9 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "eval":
         from ..evaluation.evaluate import run as run_eval
         run_eval(args)
+    elif args.command == "calibrate":
+        from .calibrate import run_calibrate
+        run_calibrate(args)
     elif args.command == "bench":
         from ..evaluation.sampler_bench import main as bench_main
         return bench_main(args.rest) or 0

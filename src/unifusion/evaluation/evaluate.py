@@ -167,17 +167,39 @@ def real_data_row(ref: Reference) -> Row | None:
                  dict(sampler="held-out data", nfe=0, grid="-", cfg_scale=1.0, seconds=0.0))
 
 
+def calibrated_grid(model, sampler: str, nfe: int, folder: Path | None):
+    """The grid calibrated to this model for (sampler, nfe): stored in its spec, else the file
+    `unifusion calibrate` wrote to <run>/calibration/; a clear error when there is none."""
+    from ..samplers.calibrate import Calibration
+    cal = model.spec.calibration(sampler, nfe)
+    path = folder / calibration_file(sampler, nfe) if folder is not None else None
+    if cal is None and path is not None and path.is_file():
+        cal = Calibration.load(path)
+    if cal is None:
+        raise ValueError(f"no calibrated grid for {sampler} at NFE {nfe}"
+                         + (f" in the spec or in {path}" if path else "") + "; make one with `unifusion calibrate "
+                         f"--checkpoint RUN --sampler {sampler} --nfe {nfe}`")
+    return cal
+
+
+def calibration_file(sampler: str, nfe: int) -> str:
+    return f"{sampler}-nfe{nfe}.json"
+
+
 def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | None = None, cfg_scale: float = 1.0,
-             batch_size: int = 500, first_seed: int = 0, progress: bool = False, **options) -> Row:
+             batch_size: int = 500, first_seed: int = 0, progress: bool = False, calibration_dir: Path | None = None,
+             **options) -> Row:
     """One row: N samples (seeds first_seed.., the model's default conditions) drawn and scored.
+    grid "calibrated": the model's calibrated grid for (sampler, nfe) (see calibrated_grid).
     options go to model.sample (sigma_min, sigma_max, sampler options)."""
+    use = calibrated_grid(model, sampler, nfe, calibration_dir) if grid == "calibrated" else grid
     t0 = time.perf_counter()
     with torch.no_grad():
-        x, cond = model.sample(seeds=range(first_seed, first_seed + n), sampler=sampler, nfe=nfe, grid=grid,
+        x, cond = model.sample(seeds=range(first_seed, first_seed + n), sampler=sampler, nfe=nfe, grid=use,
                                cfg=cfg_scale, batch_size=batch_size, return_cond=True, progress=progress, **options)
     seconds = time.perf_counter() - t0
     y = cond["y"] if cond and "y" in cond else None
-    shown = grid or model.spec.grid["name"]
+    shown = grid if isinstance(grid, str) else "calibrated" if grid is not None else model.spec.grid["name"]
     shown = model.process.native_grid if shown == "native" else shown  # name the grid actually used
     return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=shown, cfg_scale=cfg_scale, seconds=seconds))
 
@@ -331,8 +353,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation")
     p.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the single evaluation")
-    p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned (default: the model's "
-                                                "own, usually native)")
+    p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned,calibrated (default: the "
+                                                "model's own, usually native; calibrated: from `unifusion calibrate`)")
     p.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (default: the model's own)")
     p.add_argument("--sigma-max", type=float, default=None,
                    help="starting noise level (default: the model's own; inf starts from pure noise)")
@@ -379,9 +401,10 @@ def run(args) -> dict:
     else:
         names, nfes = [args.sampler], [args.nfe]
     grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
-    unknown_grids = [g for g in grid_names if g not in samplers.grids.GRIDS and g != "native"]
+    valid_grids = sorted(samplers.grids.GRIDS) + ["native", "calibrated"]
+    unknown_grids = [g for g in grid_names if g not in valid_grids]
     if unknown_grids:
-        raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {sorted(samplers.grids.GRIDS) + ['native']}")
+        raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {valid_grids}")
     unknown = [s for s in names if s not in samplers.names()]
     if unknown:
         raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
@@ -406,6 +429,7 @@ def run(args) -> dict:
     rows = []
     for s, k, g, w in tqdm(settings, desc="eval", disable=len(settings) < 2):
         rows.append(evaluate(model, ref, s, k, args.n, g, w, args.batch_size, progress=len(settings) < 2,
+                             calibration_dir=run_dir(args.checkpoint) / "calibration",
                              sigma_min=args.sigma_min, sigma_max=args.sigma_max))
     shown = rows + ([floor] if floor else [])
     print(table(shown))

@@ -90,11 +90,15 @@ class DiffusionModel(Model):
         lo, hi = self.spec.sigma_range()
         sigma_min = lo if sigma_min is None else sigma_min
         sigma_max = hi if sigma_max is None else sigma_max
-        grid = grid if grid is not None else self.spec.grid["name"]
-        grid_options = grid_options if grid_options is not None else (
-            self.spec.grid["kwargs"] if grid == self.spec.grid["name"] else {})
         if nfe is None and steps is None:
             nfe = 20
+        if grid is None and steps is None and not options:  # a grid calibrated to this model for the pair
+            grid = self.spec.calibration(sampler, nfe)
+            if grid is not None and (sigma_min, sigma_max) != (grid.sigma_min, grid.sigma_max):
+                grid = None  # calibrated for the model's own range only
+        grid = grid if grid is not None else self.spec.grid["name"]
+        grid_options = grid_options if grid_options is not None else (
+            self.spec.grid["kwargs"] if isinstance(grid, str) and grid == self.spec.grid["name"] else {})
         if cfg != 1 and self.cond.kind == "none":
             raise ValueError(f"--cfg {cfg} needs a conditional model; this one is unconditional")
         if cond is None:

@@ -31,6 +31,15 @@ def save(model, folder: str | Path, ema: dict[str, Tensor] | None = None) -> Pat
     return out
 
 
+def save_spec(folder: str | Path, spec: ModelSpec) -> Path:
+    """Replace a model folder's spec.json (atomically), e.g. to add a calibrated grid."""
+    p = Path(folder) / SPEC_FILE
+    if not p.is_file():
+        raise ValueError(f"{folder} is not a model folder (no {SPEC_FILE}); give the model folder, e.g. <run>/model")
+    spec.validate()
+    return safeio.atomic_write(p, spec.to_json() + "\n")
+
+
 def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tensor] | None, dict]:
     """(spec, weights, ema weights or None, info) from a model folder, a checkpoint folder or a
     run folder; info holds "step" and "where" when they are known."""

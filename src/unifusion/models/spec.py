@@ -13,6 +13,8 @@ is read to load it (no preset names, no code paths in strings). The spec holds
     data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1]}
                     | {"kind": "latent", "autoencoder": path, "shift", "scale", "shape"}
     training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float}
+    calibrated      {"<sampler>@<nfe>": calibration dict}: grids fitted to this model by `unifusion
+                    calibrate --save-to-model`, the default grid for that (sampler, NFE)
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from pathlib import Path
 SPEC_VERSION = 1
 CONDITIONING_KINDS = ("none", "class")
 DATA_KINDS = ("pixel", "latent")
+
+
+def calibration_key(sampler: str, nfe: int) -> str:
+    return f"{sampler}@{nfe}"
 
 
 def _named(value, what: str) -> dict:
@@ -45,6 +51,7 @@ class ModelSpec:
     conditioning: dict = field(default_factory=lambda: {"kind": "none"})
     data: dict = field(default_factory=lambda: {"kind": "pixel", "shape": [], "range": [-1.0, 1.0]})
     training: dict = field(default_factory=dict)
+    calibrated: dict = field(default_factory=dict)  # "sampler@nfe" -> a calibration (samplers/calibrate.py)
     version: int = SPEC_VERSION
 
     # ------------------------------------------------------------------ checks
@@ -78,7 +85,18 @@ class ModelSpec:
                              "supported by this version: train on pixels")
         if not self.data.get("shape"):
             raise ValueError("spec data needs the shape of one example, e.g. [1, 8, 8]")
+        from ..samplers.calibrate import Calibration
+        for key, cal in self.calibrated.items():
+            c = Calibration.from_dict(cal, where=f"spec calibrated[{key!r}]")
+            if key != calibration_key(c.sampler, c.nfe):
+                raise ValueError(f"spec calibrated[{key!r}] holds a grid for {c.sampler} at NFE {c.nfe}")
         return self
+
+    def calibration(self, sampler: str, nfe: int | None):
+        """The calibrated grid stored for (sampler, nfe), or None."""
+        from ..samplers.calibrate import Calibration
+        cal = self.calibrated.get(calibration_key(sampler, nfe)) if nfe is not None else None
+        return None if cal is None else Calibration.from_dict(cal)
 
     def sigma_range(self) -> tuple[float, float]:
         """The default sampling range: the spec's values, else the process's own range."""

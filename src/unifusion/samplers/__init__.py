@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from . import adaptive, ancestral, dpmpp, grids, multistep, ode, sde, unipc  # noqa: F401  (registers)
 from .registry import NonFiniteError, Spec, get, names, register
 
-__all__ = ["sample", "names", "get", "register", "Spec", "grids", "make_denoise", "Denoise", "NonFiniteError"]
+__all__ = ["sample", "names", "get", "register", "Spec", "grids", "make_denoise", "Denoise", "NonFiniteError",
+           "calibrate", "Calibration"]
 
 # From sigma_max = inf an adaptive solver (which uses no grid) first steps to this level. For data
 # N(m, C) the exact solution from inf is x(s) = m + sqrt(C + s^2) n, the first step gives m + s n, and
@@ -73,7 +74,9 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
         (randn, not scaled) and the first step is x_1 = D(n, inf) + sigma_1 n (see `first_step`); the
         grid must be 'uniform_t' or 'native' with a process reaching sigma = inf (Flow), 'sd3', or a
         tensor starting with inf. It costs one call of the budget; steps=N runs N steps after it.
-    grid: a name in grids.GRIDS, a callable (n, sigma_min, sigma_max) -> sigmas, or a tensor of sigmas.
+    grid: a name in grids.GRIDS, a callable (n, sigma_min, sigma_max) -> sigmas, a tensor of sigmas, or a
+        `Calibration` (or the path of its .json file, see `calibrate`): its sigmas, after checking that it
+        was calibrated for this sampler, nfe (None: its own), options and sigma range (ValueError if not).
     process: needed by the 'uniform_t' and 'ddpm' grids.
     callback: fn(x, sigma: float, denoised) after every denoiser call.
     check_finite: raise NonFiniteError (a FloatingPointError and ValueError) at the first NaN/inf
@@ -82,6 +85,10 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
     """
     spec = get(sampler)
     _check_arguments(spec, noise, nfe, steps, sigma_min, sigma_max, options)
+    if is_calibration(grid):
+        if steps is not None:
+            raise ValueError("a calibrated grid fixes the steps; pass nfe (the one it was calibrated for), not steps")
+        grid = resolve(grid, sampler, nfe, options, sigma_min, sigma_max)
     # nfe defaults to 10 only when neither steps nor an explicit grid fixes the length
     fixed = steps is not None or isinstance(grid, torch.Tensor) or spec.adaptive
     budget = nfe if nfe is not None or fixed else 10
@@ -182,3 +189,6 @@ def _report_nonfinite(x: torch.Tensor, denoise: Denoise, check_finite: bool) -> 
         raise NonFiniteError(f"the sample holds NaN or inf: {where}")
     warnings.warn(f"the sample holds NaN or inf: {where} (check_finite=True stops with an error there)",
                   RuntimeWarning, stacklevel=3)
+
+
+from .calibrate import Calibration, calibrate, is_calibration, resolve  # noqa: E402  (uses sample)

@@ -13,17 +13,21 @@ piece below the last level (slack), so the last level floats above sigma_min whe
 few steps a call at sigma ~ 0.002 is nearly wasted, as `grids.tuned` found). Levels are strictly
 decreasing for every z.
 
-Two optimisers:
+Optimisers:
 - 'powell' / 'nelder-mead' (derivative-free, scipy.optimize on z): run the registered samplers
-  unchanged, so they work for every fixed-step sampler and any denoiser.
-- 'gradient': L-BFGS on z through small differentiable re-implementations of the solvers (`DIFFERENTIABLE`,
-  tested to match the registered ones to 1e-10); needs a denoiser that autograd can go through.
+  unchanged, so they work for every fixed-step deterministic sampler and any denoiser.
+- 'gradient': L-BFGS on z through small differentiable re-implementations of the solvers
+  (`DIFFERENTIABLE`, tested to match the registered ones to 1e-10); needs a denoiser that autograd
+  can go through. On the exact mixtures it reaches lower error than Powell or Nelder-Mead in the
+  same time (benchmarks/calibrate_mixtures.py --compare-methods).
+- 'auto' (default): gradient, then a short Powell polish from its result.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,13 +40,18 @@ from .registry import get
 
 FORMAT = "unifusion.calibration"
 VERSION = 1
-METHODS = ("powell", "nelder-mead", "gradient")
-DEFAULT_REFERENCE = {"rtol": 1e-6, "atol": 1e-6, "max_nfe": 2000}
+METHODS = ("auto", "gradient", "powell", "nelder-mead")
+DEFAULT_REFERENCE = {"rtol": 1e-6, "atol": 1e-6, "max_nfe": 4000}
+POLISH = 30  # method='auto': Powell evaluations per free level after the gradient fit
 INF_TOP = 10.0  # from sigma_max = inf the first finite level may float up to INF_TOP x its initial value
 
 
+class NotDifferentiable(RuntimeError):
+    """method='gradient' with a denoiser that autograd cannot go through."""
+
+
 # --------------------------------------------------------------------------- the result
-@dataclass
+@dataclass(eq=False)  # holds a tensor: compare .sigmas and the fields, not the objects
 class Calibration:
     """A sigma grid fitted for one (sampler, NFE, options, sigma range), and how well it did.
 
@@ -180,6 +189,7 @@ class GridParam:
                  float_last: bool = True):
         self.inf = math.isinf(sigma_max)
         self.levels, self.float_last = levels, float_last  # positive levels, inf included
+        self.first = sigma_max  # exactly: the noise was scaled by it
         self.log_hi, self.log_lo = math.log(top if self.inf else sigma_max), math.log(sigma_min)
         self.size = levels - 1 + float_last  # pieces of the span = len(z)
 
@@ -191,7 +201,7 @@ class GridParam:
     def sigmas(self, z: Tensor) -> Tensor:
         w = torch.softmax(z, 0) * (self.log_hi - self.log_lo)
         levels = (self.log_hi - torch.cumsum(w, 0)[: self.levels - 1]).exp()
-        head = torch.full((1,), math.inf if self.inf else math.exp(self.log_hi), dtype=z.dtype)
+        head = torch.full((1,), self.first, dtype=z.dtype)
         return torch.cat([head, levels, z.new_zeros(1)])
 
     def init(self, sig: Tensor) -> Tensor:
@@ -288,8 +298,7 @@ def _dpmpp_3m_t(denoise, x, sig, *, order=3, lower_order_final=True):
 
 
 def _unipc_coefficients_t(h: Tensor, rks: list, variant: str) -> list:
-    """unipc.unipc_coefficients with h a tensor."""
-    from .unipc import _solve
+    """unipc.unipc_coefficients with h a tensor (the small system solved by torch, out of place)."""
     if len(rks) == 1:
         return [0.5]
     hh = -h
@@ -300,7 +309,10 @@ def _unipc_coefficients_t(h: Tensor, rks: list, variant: str) -> list:
         b.append(g * fact / B)
         fact *= k + 1
         g = g / hh - 1 / fact
-    return _solve([[r ** (k - 1) for r in rks] for k in range(1, len(rks) + 1)], b)
+    def t(v):
+        return torch.as_tensor(v, dtype=torch.float64)
+    A = torch.stack([torch.stack([t(r ** (k - 1)) for r in rks]) for k in range(1, len(rks) + 1)])
+    return list(torch.linalg.solve(A, torch.stack([t(v) for v in b])))
 
 
 def _unipc_t(denoise, x, sig, *, order=2, variant="bh2", corrector=True, lower_order_final=True,
@@ -356,7 +368,11 @@ def solve_differentiable(sampler: str, denoiser, noise: Tensor, sigmas: Tensor, 
     cond, batch = cond or {}, noise.shape[0]
 
     def denoise(x, s):
-        return denoiser(x, s.to(x.dtype).expand(batch), **cond)
+        out = denoiser(x, s.to(x.dtype).expand(batch), **cond)
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad) and not out.requires_grad:
+            raise NotDifferentiable("the denoiser's output does not depend differentiably on its input (it "
+                                    "detaches, or runs under no_grad); use method='powell'")
+        return out
 
     x = noise
     if math.isinf(sigmas[0].item()):
@@ -376,8 +392,12 @@ class _OutOfTime(Exception):
     pass
 
 
+class _PolishDone(Exception):
+    pass
+
+
 def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
-              n_ref: int = 64, n_val: int = 64, cond=None, process=None, seed: int = 0, method: str = "gradient",
+              n_ref: int = 64, n_val: int = 64, cond=None, process=None, seed: int = 0, method: str = "auto",
               init="tuned", dtype: torch.dtype = torch.float64, device=None, reference=None,
               time_budget_s: float | None = None, max_evals: int | None = None, batch_size: int | None = None,
               float_last: bool = True, options: dict | None = None, progress: bool = False) -> Calibration:
@@ -390,10 +410,14 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         cond(split, n) -> dict of n rows with split 'fit' or 'val' (e.g. different labels for each).
     method: 'gradient' (L-BFGS through a differentiable copy of the solver; euler, ddim, dpmpp_2m,
         ipndm, dpmpp_3m, unipc; the denoiser must be differentiable), 'powell' or 'nelder-mead'
-        (derivative-free, the registered solver unchanged; any fixed-step deterministic sampler).
+        (derivative-free, the registered solver unchanged; any fixed-step deterministic sampler);
+        'auto' (default): gradient where it can, then a short Powell polish (POLISH evaluations per free
+        level, within the time budget), which helps where a learned denoiser makes the loss rough in
+        sigma; powell where there is no differentiable solver or the denoiser is not differentiable.
     init: the starting grid: a grid name ('tuned', 'karras', ...), a tensor, or 'best' (the better
         baseline on the fit noises). From sigma_max = inf, 'tuned' and 'karras' mean 'uniform_t'.
-    reference: dopri5 options {'rtol', 'atol', 'max_nfe'} (default DEFAULT_REFERENCE), or a callable
+    reference: dopri5 options {'rtol', 'atol', 'max_nfe'} (default DEFAULT_REFERENCE; rtol = atol = 1e-5
+        for a float32 dtype), or a callable
         reference(noise, cond) -> the exact final samples. A dopri5 solve that does not reach
         sigma_min within max_nfe raises ReferenceNotConverged.
     time_budget_s / max_evals: stop the optimiser after this many seconds / objective evaluations
@@ -412,6 +436,9 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         raise ValueError("ddim with eta > 0 is stochastic; calibrate it with eta=0 (or calibrate euler)")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    auto = method == "auto"
+    if auto:
+        method = "gradient" if sampler in DIFFERENTIABLE else "powell"
     if method == "gradient" and sampler not in DIFFERENTIABLE:
         raise ValueError(f"method='gradient' has differentiable solvers for {sorted(DIFFERENTIABLE)}, not "
                          f"{sampler!r}; use method='powell'")
@@ -431,7 +458,11 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     noise = {"fit": z[:n_ref], "val": z[n_ref:]}
     conds = _split_cond(cond, n_ref, n_val, device)
     chunks = {k: _chunks(noise[k], conds[k], batch_size) for k in noise}
-    ref_info, ref = _reference(reference, denoiser, chunks, sigma_min, sigma_max)
+    # one reference solve for fit and held-out noises together (per batch_size rows)
+    ref_info, ref_all = _reference(reference, denoiser, _chunks(z, _join(conds, n_val), batch_size), sigma_min,
+                                   sigma_max)
+    ref = {"fit": list(ref_all[:n_ref].split(batch_size or n_ref)),
+           "val": list(ref_all[n_ref:].split(batch_size or max(n_val, 1))) if n_val else []}
     t_ref = time.perf_counter() - t_start
 
     # ---- the grids: baselines and init, planned exactly as sample() plans them
@@ -478,6 +509,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
             raise _OutOfTime
         if max_evals is not None and best["evals"] >= max_evals:
             raise _OutOfTime
+        if best.get("cap") is not None and best["evals"] >= best["cap"]:
+            raise _PolishDone
         best["evals"] += 1
         e = run(param.sigmas(zz), "fit")
         val = math.log(e) if e > 0 and math.isfinite(e) else 1e3
@@ -497,17 +530,37 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         method_used = method
         try:
             if method == "gradient":
-                _fit_gradient(param, best, loss_of, sampler, denoiser, chunks["fit"], ref["fit"], options,
-                              time_budget_s, t_fit, max_evals, bar)
+                try:
+                    _fit_gradient(param, best, loss_of, sampler, denoiser, chunks["fit"], ref["fit"], options,
+                                  time_budget_s, t_fit, max_evals, bar)
+                    if auto:  # a short Powell polish: a learned denoiser can make the loss rough in sigma
+                        best["cap"] = best["evals"] + POLISH * param.free
+                        method_used = "gradient + powell"
+                        _fit_scipy("powell", param, best, loss_of)
+                except NotDifferentiable:
+                    if not auto:
+                        raise
+                    method_used = "powell (the denoiser is not differentiable)"
+                    _fit_scipy("powell", param, best, loss_of)
             else:
                 _fit_scipy(method, param, best, loss_of)
         except _OutOfTime:
             method_used += " (stopped by its budget)"
+        except _PolishDone:
+            pass
     bar.close()
     sig = param.sigmas(best["z"]).detach()
     seconds_fit = time.perf_counter() - t_fit
-
-    rmse_fit = {"calibrated": run(sig, "fit"), **rmse_fit}
+    fitted = run(sig, "fit")
+    # the baselines the parametrisation could express (float_last=False: those ending at sigma_min)
+    ok = [k for k, b in baselines.items() if float_last or abs(float(b[-2]) / sigma_min - 1) < 1e-9]
+    floor = min(ok, key=rmse_fit.get) if ok else None
+    # e.g. stopped early from a worse init: never hand back a grid worse than a baseline on the fit noises
+    if floor is not None and not fitted < rmse_fit[floor]:
+        warnings.warn(f"calibration of {sampler} at NFE {nfe} did not beat the {floor!r} grid on the fit noises "
+                      f"({fitted:.3e} vs {rmse_fit[floor]:.3e}); returning the {floor!r} grid", RuntimeWarning)
+        sig, fitted, method_used = baselines[floor], rmse_fit[floor], f"{method_used}; kept {floor} (no gain)"
+    rmse_fit = {"calibrated": fitted, **rmse_fit}
     rmse_val = ({name: run(s, "val") for name, s in {"calibrated": sig, **baselines}.items()} if n_val else {})
     return Calibration(sampler=sampler, nfe=nfe, sigmas=sig, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
                        options=options, rmse_fit=rmse_fit, rmse_val=rmse_val,
@@ -552,14 +605,15 @@ def _chunks(x: Tensor, cond: dict, batch_size: int | None) -> list[tuple[Tensor,
     return [(x[i:i + step], {k: v[i:i + step] for k, v in cond.items()}) for i in range(0, n, step)]
 
 
-def _reference(reference, denoiser, chunks: dict, sigma_min: float, sigma_max: float) -> tuple[dict, dict]:
-    """The exact final samples per split (list per chunk), and how they were computed."""
+def _reference(reference, denoiser, parts: list, sigma_min: float, sigma_max: float) -> tuple[dict, Tensor]:
+    """The exact final samples of every (noise, cond) part, concatenated, and how they were computed."""
     from . import sample
     if callable(reference):
-        ref = {k: [reference(x, c) for x, c in v] for k, v in chunks.items()}
-        info = {"kind": "given"}
+        out, info = [reference(x, c) for x, c in parts], {"kind": "given"}
     else:
-        opts = {**DEFAULT_REFERENCE, **(reference or {})}
+        loose = any(x.dtype != torch.float64 for x, _ in parts)
+        # float32 cannot resolve a relative error of 1e-6 reliably: its default is 1e-5 there
+        opts = {**DEFAULT_REFERENCE, **({"rtol": 1e-5, "atol": 1e-5} if loose else {}), **(reference or {})}
         unknown = set(opts) - set(DEFAULT_REFERENCE)
         if unknown:
             raise ValueError(f"reference options {sorted(unknown)} unknown; give {sorted(DEFAULT_REFERENCE)} "
@@ -570,28 +624,36 @@ def _reference(reference, denoiser, chunks: dict, sigma_min: float, sigma_max: f
             calls[0] += 1
             return denoiser(x, s, **c)
 
-        ref = {}
-        for split, parts in chunks.items():
-            ref[split] = []
-            for x, c in parts:
-                try:
-                    ref[split].append(sample(counted, x, "dopri5", nfe=opts["max_nfe"], sigma_min=sigma_min,
-                                             sigma_max=sigma_max, cond=c, rtol=opts["rtol"], atol=opts["atol"]))
-                except RuntimeError as e:
-                    if "max_nfe" not in str(e):
-                        raise
-                    raise ReferenceNotConverged(
-                        f"the reference solve (dopri5, rtol={opts['rtol']}, atol={opts['atol']}) did not reach "
-                        f"sigma_min={sigma_min} within max_nfe={opts['max_nfe']} denoiser calls; pass "
-                        f"reference={{'max_nfe': {4 * opts['max_nfe']}}} (or looser rtol/atol). A grid fitted to an "
-                        f"unfinished reference would fit its error") from None
+        out = []
+        for x, c in parts:
+            try:
+                out.append(sample(counted, x, "dopri5", nfe=opts["max_nfe"], sigma_min=sigma_min, sigma_max=sigma_max,
+                                  cond=c, rtol=opts["rtol"], atol=opts["atol"]))
+            except RuntimeError as e:
+                if "max_nfe" not in str(e):
+                    raise
+                raise ReferenceNotConverged(
+                    f"the reference solve (dopri5, rtol={opts['rtol']}, atol={opts['atol']}) did not reach "
+                    f"sigma_min={sigma_min} within max_nfe={opts['max_nfe']} denoiser calls; pass "
+                    f"reference={{'max_nfe': {4 * opts['max_nfe']}}}, or a looser tolerance such as "
+                    f"reference={{'rtol': {10 * opts['rtol']:g}, 'atol': {10 * opts['atol']:g}}}. A grid fitted to an "
+                    f"unfinished reference would fit its error") from None
         info = {"kind": "dopri5", **opts, "calls": calls[0]}
-    for split, parts in ref.items():
-        for r, (x, _) in zip(parts, chunks[split]):
-            if r.shape != x.shape or not torch.isfinite(r).all():
-                raise ReferenceNotConverged(f"the reference samples ({split}) are not finite or have shape "
-                                            f"{tuple(r.shape)} for noise {tuple(x.shape)}")
-    return info, ref
+    for r, (x, _) in zip(out, parts):
+        if getattr(r, "shape", None) != x.shape or not torch.isfinite(r).all():
+            raise ReferenceNotConverged(f"the reference samples are not finite or not shaped like the noise "
+                                        f"{tuple(x.shape)}")
+    return info, torch.cat(out)
+
+
+def _join(conds: dict, n_val: int) -> dict:
+    """The fit and held-out conditions as one set of rows (fit first), for one reference solve."""
+    fit, val = conds["fit"], conds["val"]
+    if not n_val:
+        return fit
+    if set(fit) != set(val):
+        raise ValueError(f"cond gives keys {sorted(fit)} for 'fit' but {sorted(val)} for 'val'; give both the same")
+    return {k: torch.cat([fit[k], val[k]]) for k in fit}
 
 
 def _fit_scipy(method: str, param: GridParam, best: dict, loss_of) -> None:
@@ -618,8 +680,12 @@ def _fit_gradient(param, best, loss_of, sampler, denoiser, fit_chunks, fit_ref, 
                   max_evals, bar) -> None:
     """L-BFGS (strong Wolfe line search) on z; log RMSE through the differentiable solver."""
     z = best["z"].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=10_000, tolerance_grad=1e-7, tolerance_change=1e-6,
-                            history_size=20, line_search_fn="strong_wolfe")
+
+    def lbfgs():
+        return torch.optim.LBFGS([z], lr=1.0, max_iter=10_000, tolerance_grad=1e-7, tolerance_change=1e-6,
+                                 history_size=20, line_search_fn="strong_wolfe")
+
+    opt = lbfgs()
 
     def closure():
         if time_budget_s is not None and time.perf_counter() - t_fit > time_budget_s:
@@ -647,4 +713,11 @@ def _fit_gradient(param, best, loss_of, sampler, denoiser, fit_chunks, fit_ref, 
             bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
         return torch.tensor(val, dtype=torch.float64)
 
-    opt.step(closure)
+    for _ in range(3):  # restart with a fresh history while it still gains (a line search can stall)
+        before = best["loss"]
+        opt.step(closure)
+        if not best["loss"] < before - 1e-3:
+            break
+        with torch.no_grad():
+            z.copy_(best["z"])
+        opt = lbfgs()

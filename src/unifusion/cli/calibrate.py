@@ -1,0 +1,64 @@
+"""`unifusion calibrate`: fit a sampler's sigma grid at one NFE to a trained model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..evaluation.evaluate import calibration_file, run_dir
+from ..samplers.calibrate import calibrate
+
+
+def parse_labels(text: str | None, num_classes: int, what: str) -> list[int] | None:
+    """'0-4' or '1,3,5' -> labels (None: every class)."""
+    if text is None:
+        return None
+    if not num_classes:
+        raise ValueError(f"{what} needs a class-conditional model; this one is unconditional")
+    from .sample import parse_seeds
+    labels = parse_seeds(text, None)
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise ValueError(f"{what}: labels {bad} are not in 0..{num_classes - 1}")
+    return labels
+
+
+def run_calibrate(args) -> dict:
+    if args.n_ref < 2 or args.n_val < 2:
+        raise ValueError(f"--n-ref and --n-val must be >= 2, got {args.n_ref} and {args.n_val}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
+    spec = model.spec
+    k = spec.num_classes
+    fit_labels = parse_labels(args.fit_labels, k, "--fit-labels") or list(range(k))
+    val_labels = parse_labels(args.val_labels, k, "--val-labels") or list(range(k))
+
+    def cond(split: str, n: int):  # labels cycle through the split's label set
+        if not k:
+            return {}
+        labels = fit_labels if split == "fit" else val_labels
+        return {"y": torch.tensor([labels[i % len(labels)] for i in range(n)], device=device)}
+
+    def den(x, sigma, **c):  # solver state in float64, the network in its own float32
+        return model.denoise(x.float(), sigma.float(), **c).double()
+
+    lo, hi = spec.sigma_range()
+    cal = calibrate(den, spec.shape, args.sampler, args.nfe, sigma_min=lo, sigma_max=hi,
+                    n_ref=args.n_ref, n_val=args.n_val, cond=cond if k else None, process=model.process,
+                    seed=args.seed, method=args.method, device=device, progress=True)
+    out = Path(args.out) if args.out else run_dir(args.checkpoint) / "calibration" / calibration_file(args.sampler,
+                                                                                                         args.nfe)
+    cal.save(out)
+    print(cal.summary())
+    if k and (args.fit_labels or args.val_labels):
+        print(f"fit on labels {fit_labels}, held-out RMSE on labels {val_labels}")
+    print(f"wrote {out}; use it with `unifusion sample --noise-grid {out}` or "
+          f"`unifusion eval --grid calibrated --sampler {args.sampler} --nfe {args.nfe}`")
+    if args.save_to_model:
+        folder = Path(args.checkpoint)
+        folder = folder / "model" if not (folder / models.io.SPEC_FILE).is_file() else folder
+        spec.calibrated[models.spec.calibration_key(args.sampler, args.nfe)] = cal.to_dict()
+        models.io.save_spec(folder, spec)
+        print(f"stored in {folder / models.io.SPEC_FILE}: the default grid of {args.sampler} at NFE {args.nfe}")
+    return {"calibration": str(out), "rmse_val": cal.rmse_val, "seconds": cal.seconds}
