@@ -10,7 +10,8 @@ import unifusion as uf
 from unifusion.processes import Flow
 from unifusion.samplers import Calibration, calibrate, get, grids
 from unifusion.samplers.calibrate import (DIFFERENTIABLE, GridParam, NotDifferentiable, ReferenceNotConverged,
-                                          solve_differentiable)
+                                          _moments_t, solve_differentiable)
+from unifusion.samplers.expint import moments
 from tests.oracles import Counting, mixture_2d, noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,13 +30,22 @@ def fitted():
 def test_every_parameter_gives_a_valid_grid(levels, float_last, sigma_max):
     param = GridParam(levels, 0.002, sigma_max, top=20.0, float_last=float_last)
     g = torch.Generator().manual_seed(0)
-    for scale in (0.0, 1.0, 10.0):
+    for scale in (0.0, 1.0, 10.0, 1e4):  # 1e4: softmax pieces of 0 and 1, floored so levels never meet
         sig = param.sigmas(torch.randn(param.size, generator=g, dtype=torch.float64) * scale)
         grids.check(sig, sigma_max)  # strictly decreasing, positive, final 0, inf only first
         assert len(sig) == levels + 1 and sig[0] == sigma_max
         assert float(sig[-2]) >= 0.002 * (1 - 1e-12)
         if not float_last:
             assert float(sig[-2]) == pytest.approx(0.002, rel=1e-9)
+
+
+def test_exponential_moments_end_for_any_step():
+    """h = 0 once looped forever (a sum of zeros never drops below 1e-17 of itself)."""
+    assert [float(m) for m in _moments_t(torch.tensor(0.0, dtype=torch.float64), 3)] == [0.0, 0.0, 0.0]
+    for h in (1e-12, 0.5, 3.0):  # and it agrees with expint.moments
+        m = _moments_t(torch.tensor(h, dtype=torch.float64), 3)
+        want = moments(h, 3)
+        assert all(abs(float(a) - b) <= 1e-14 * max(1.0, abs(b)) for a, b in zip(m, want))
 
 
 def test_init_reproduces_the_grid():
@@ -138,10 +148,36 @@ def test_a_non_differentiable_denoiser_falls_back_to_powell():
         calibrate(detached, (2,), "euler", 4, n_ref=32, n_val=0, method="gradient")
 
 
+def test_batch_size_splits_the_work_not_the_result():
+    gm = mixture_2d(classes=2)
+    cond = {"y": torch.arange(40) % 2}
+    kw = dict(n_ref=24, n_val=16, cond=cond, max_evals=8, method="gradient")
+    whole = calibrate(gm.denoise, (2,), "dpmpp_2m", 5, **kw)
+    parts = calibrate(gm.denoise, (2,), "dpmpp_2m", 5, batch_size=7, **kw)
+    for key in ("karras", "tuned"):  # dopri5 steps per batch, so the references differ within its tolerance
+        assert parts.rmse_val[key] == pytest.approx(whole.rmse_val[key], rel=1e-3)
+    assert torch.allclose(parts.sigmas, whole.sigmas, rtol=1e-3)
+
+
 def test_the_last_level_floats_or_stays(fitted):
     assert float(fitted.sigmas[-2]) > 0.01  # with 5 calls the last call at 0.002 is wasted
     pinned = calibrate(mixture_2d().denoise, (2,), "dpmpp_2m", 5, n_ref=32, n_val=0, float_last=False, max_evals=30)
     assert float(pinned.sigmas[-2]) == pytest.approx(0.002, rel=1e-9)
+
+
+def test_from_karras_the_last_level_leaves_sigma_min():
+    """Karras ends at sigma_min (no slack); its softmax piece starts at 2% of the span, not at 0, where its
+    gradient would vanish and the last level stay at 0.002."""
+    cal = calibrate(mixture_2d().denoise, (2,), "dpmpp_2m", 5, n_ref=64, n_val=0, init="karras", seed=1)
+    assert float(cal.sigmas[-2]) > 0.05
+    assert cal.rmse_fit["calibrated"] < 0.7 * cal.rmse_fit["karras"]
+
+
+def test_several_starts_share_the_budget_and_keep_the_best():
+    both = calibrate(mixture_2d().denoise, (2,), "unipc", 6, init=["tuned", "karras"], n_ref=64, n_val=0, seed=1,
+                     max_evals=60)
+    assert both.method.endswith("(best of 2 starts)") and both.evaluations <= 60
+    assert both.rmse_fit["calibrated"] < 0.8 * min(both.rmse_fit["tuned"], both.rmse_fit["karras"])
 
 
 def test_class_conditional_calibration_with_a_cond_callable():

@@ -43,6 +43,7 @@ VERSION = 1
 METHODS = ("auto", "gradient", "powell", "nelder-mead")
 DEFAULT_REFERENCE = {"rtol": 1e-6, "atol": 1e-6, "max_nfe": 4000}
 POLISH = 30  # method='auto': Powell evaluations per free level after the gradient fit
+MIN_PIECE = 1e-6  # the smallest share of the log-sigma span between two levels
 INF_TOP = 10.0  # from sigma_max = inf the first finite level may float up to INF_TOP x its initial value
 
 
@@ -57,7 +58,8 @@ class Calibration:
 
     rmse_fit / rmse_val: RMSE of the final samples against the reference on the fit noises and on
     the held-out ones, for 'calibrated' and the baseline grids ('karras', 'tuned'; from sigma_max =
-    inf: 'uniform_t', 'sd3'). seconds: {'reference', 'fit'} wall time."""
+    inf: 'uniform_t', 'sd3'). seconds: {'reference', 'fit', 'total'} wall time (total adds the
+    baselines' and the held-out evaluations)."""
     sampler: str
     nfe: int
     sigmas: Tensor  # float64, strictly decreasing, ending with 0
@@ -199,10 +201,14 @@ class GridParam:
         return max(self.size - 1, 0)
 
     def sigmas(self, z: Tensor) -> Tensor:
-        w = torch.softmax(z, 0) * (self.log_hi - self.log_lo)
+        w = self._pieces(z) * (self.log_hi - self.log_lo)
         levels = (self.log_hi - torch.cumsum(w, 0)[: self.levels - 1]).exp()
         head = torch.full((1,), self.first, dtype=z.dtype)
         return torch.cat([head, levels, z.new_zeros(1)])
+
+    def _pieces(self, z: Tensor) -> Tensor:
+        """softmax(z) with a floor of MIN_PIECE, so that no two levels ever meet."""
+        return (torch.softmax(z, 0) + MIN_PIECE) / (1 + self.size * MIN_PIECE)
 
     def init(self, sig: Tensor) -> Tensor:
         """z with sigmas(z) = the grid `sig` (its levels after the first), pieces floored at a small size."""
@@ -213,7 +219,11 @@ class GridParam:
         gaps = [a - b for a, b in zip(u[:-1], u[1:])] + ([u[-1] - self.log_lo] if self.float_last else [])
         span = self.log_hi - self.log_lo
         gaps = [max(g, 1e-3 * span / self.size) for g in gaps]
-        return torch.tensor([math.log(g / sum(gaps)) for g in gaps], dtype=torch.float64)
+        if self.float_last:  # a softmax piece near 0 has a gradient near 0: a slack of 0 (Karras, last level at
+            gaps[-1] = max(gaps[-1], 0.02 * span)  # sigma_min) would keep the last level there for good
+        # invert _pieces: softmax(z) = p (1 + size MIN_PIECE) - MIN_PIECE
+        return torch.tensor([math.log(g / sum(gaps) * (1 + self.size * MIN_PIECE) - MIN_PIECE) for g in gaps],
+                            dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- differentiable solvers
@@ -257,14 +267,13 @@ def _moments_t(h: Tensor, p: int) -> list[Tensor]:
     if h.item() < 1.0:  # the positive series, as in expint.moments
         out = []
         for k in range(p):
-            term, total, j = h ** (k + 1), 0.0, 0
-            while True:
+            term, total = h ** (k + 1), 0.0
+            for j in range(60):  # h < 1: far fewer terms reach 1e-17
                 add = term / (j + k + 1)
                 total = total + add
-                if add.item() < 1e-17 * total.item():
+                if add.item() <= 1e-17 * total.item():
                     break
-                j += 1
-                term = term * h / j
+                term = term * h / (j + 1)
             out.append(torch.exp(-h) * total)
         return out
     out = [-torch.expm1(-h)]
@@ -415,7 +424,9 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         level, within the time budget), which helps where a learned denoiser makes the loss rough in
         sigma; powell where there is no differentiable solver or the denoiser is not differentiable.
     init: the starting grid: a grid name ('tuned', 'karras', ...), a tensor, or 'best' (the better
-        baseline on the fit noises). From sigma_max = inf, 'tuned' and 'karras' mean 'uniform_t'.
+        baseline on the fit noises); or a list of them: a fit from each (each with its share of the
+        time budget and max_evals), keeping the best. From sigma_max = inf, 'tuned' and 'karras' mean
+        'uniform_t'.
     reference: dopri5 options {'rtol', 'atol', 'max_nfe'} (default DEFAULT_REFERENCE; rtol = atol = 1e-5
         for a float32 dtype), or a callable
         reference(noise, cond) -> the exact final samples. A dopri5 solve that does not reach
@@ -485,22 +496,61 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         return math.sqrt(sse / count) if math.isfinite(sse) else math.inf
 
     rmse_fit = {name: run(sig, "fit") for name, sig in baselines.items()}
-    if isinstance(init, Tensor):
-        start = grids.make(init, 0, sigma_min, sigma_max)
-    elif init == "best":
-        start = baselines[min(rmse_fit, key=rmse_fit.get)]
-    elif inf and init in ("tuned", "karras"):
-        start = baselines["uniform_t"]
-    else:
-        start = baselines[init] if init in baselines else plan(init)
-    levels = int((start > 0).sum())
-    if levels != int((baselines[base_names[0]] > 0).sum()):
-        raise ValueError(f"the initial grid has {levels} levels; {sampler} at NFE {nfe} uses "
-                         f"{int((baselines[base_names[0]] > 0).sum())} (plus the final 0)")
-    top = INF_TOP * float(start[1]) if inf else None
-    param = GridParam(levels, sigma_min, sigma_max, top=top, float_last=float_last)
+    n_levels = int((baselines[base_names[0]] > 0).sum())
 
-    # ---- fit
+    def start_grid(name) -> Tensor:
+        if isinstance(name, Tensor):
+            start = grids.make(name, 0, sigma_min, sigma_max)
+        elif name == "best":
+            start = baselines[min(rmse_fit, key=rmse_fit.get)]
+        elif inf and name in ("tuned", "karras"):
+            start = baselines["uniform_t"]
+        else:
+            start = baselines[name] if name in baselines else plan(name)
+        if int((start > 0).sum()) != n_levels:
+            raise ValueError(f"the initial grid has {int((start > 0).sum())} levels; {sampler} at NFE {nfe} uses "
+                             f"{n_levels} (plus the final 0)")
+        return start
+
+    # ---- fit, from each start in turn (a list of inits: multi-start, each with its share of the budget)
+    starts = [start_grid(i) for i in (init if isinstance(init, (list, tuple)) else [init])]
+    share = len(starts)
+    from tqdm.auto import tqdm
+    bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}", unit="eval", disable=not progress, leave=False)
+    t_fit, fits = time.perf_counter(), []
+    for start in starts:
+        param = GridParam(n_levels, sigma_min, sigma_max, top=INF_TOP * float(start[1]) if inf else None,
+                          float_last=float_last)
+        fits.append(_fit_one(param, start, method, auto, run, sampler, denoiser, chunks["fit"], ref["fit"], options,
+                             None if time_budget_s is None else time_budget_s / share,
+                             None if max_evals is None else max(1, max_evals // share), bar))
+    bar.close()
+    sig, _, evaluations, method_used = min(fits, key=lambda f: f[1])
+    evaluations = sum(f[2] for f in fits)
+    if share > 1:
+        method_used += f" (best of {share} starts)"
+    seconds_fit = time.perf_counter() - t_fit
+    fitted = run(sig, "fit")
+    # the baselines the parametrisation could express (float_last=False: those ending at sigma_min)
+    ok = [k for k, b in baselines.items() if float_last or abs(float(b[-2]) / sigma_min - 1) < 1e-9]
+    floor = min(ok, key=rmse_fit.get) if ok else None
+    # e.g. stopped early from a worse init: never hand back a grid worse than a baseline on the fit noises
+    if floor is not None and fitted > rmse_fit[floor]:
+        warnings.warn(f"calibration of {sampler} at NFE {nfe} did not beat the {floor!r} grid on the fit noises "
+                      f"({fitted:.3e} vs {rmse_fit[floor]:.3e}); returning the {floor!r} grid", RuntimeWarning)
+        sig, fitted, method_used = baselines[floor], rmse_fit[floor], f"{method_used}; kept {floor} (no gain)"
+    rmse_fit = {"calibrated": fitted, **rmse_fit}
+    rmse_val = ({name: run(s, "val") for name, s in {"calibrated": sig, **baselines}.items()} if n_val else {})
+    return Calibration(sampler=sampler, nfe=nfe, sigmas=sig, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+                       options=options, rmse_fit=rmse_fit, rmse_val=rmse_val,
+                       seconds={"reference": round(t_ref, 3), "fit": round(seconds_fit, 3),
+                                "total": round(time.perf_counter() - t_start, 3)}, n_ref=n_ref,
+                       n_val=n_val, method=method_used, evaluations=evaluations, reference=ref_info)
+
+
+def _fit_one(param: GridParam, start: Tensor, method: str, auto: bool, run, sampler, denoiser, fit_chunks, fit_ref,
+             options, time_budget_s, max_evals, bar) -> tuple[Tensor, float, int, str]:
+    """Fit z from the grid `start`; returns (sigmas, log fit RMSE, evaluations, what ran)."""
     t_fit = time.perf_counter()
     best = {"loss": math.inf, "z": param.init(start), "evals": 0}
 
@@ -516,56 +566,36 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         val = math.log(e) if e > 0 and math.isfinite(e) else 1e3
         if val < best["loss"]:
             best.update(loss=val, z=zz.detach().clone())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
+        bar.update(1)
+        bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
         return val
 
-    from tqdm.auto import tqdm
-    bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}", unit="eval", disable=not progress, leave=False)
+    method_used = method
     if param.free == 0:
         method_used = "none (no free level)"
         loss_of(best["z"])
-    else:
-        method_used = method
-        try:
-            if method == "gradient":
-                try:
-                    _fit_gradient(param, best, loss_of, sampler, denoiser, chunks["fit"], ref["fit"], options,
-                                  time_budget_s, t_fit, max_evals, bar)
-                    if auto:  # a short Powell polish: a learned denoiser can make the loss rough in sigma
-                        best["cap"] = best["evals"] + POLISH * param.free
-                        method_used = "gradient + powell"
-                        _fit_scipy("powell", param, best, loss_of)
-                except NotDifferentiable:
-                    if not auto:
-                        raise
-                    method_used = "powell (the denoiser is not differentiable)"
+        return param.sigmas(best["z"]).detach(), best["loss"], best["evals"], method_used
+    try:
+        if method == "gradient":
+            try:
+                _fit_gradient(param, best, sampler, denoiser, fit_chunks, fit_ref, options, time_budget_s, t_fit,
+                              max_evals, bar)
+                if auto:  # a short Powell polish: a learned denoiser can make the loss rough in sigma
+                    best["cap"] = best["evals"] + POLISH * param.free
+                    method_used = "gradient + powell"
                     _fit_scipy("powell", param, best, loss_of)
-            else:
-                _fit_scipy(method, param, best, loss_of)
-        except _OutOfTime:
-            method_used += " (stopped by its budget)"
-        except _PolishDone:
-            pass
-    bar.close()
-    sig = param.sigmas(best["z"]).detach()
-    seconds_fit = time.perf_counter() - t_fit
-    fitted = run(sig, "fit")
-    # the baselines the parametrisation could express (float_last=False: those ending at sigma_min)
-    ok = [k for k, b in baselines.items() if float_last or abs(float(b[-2]) / sigma_min - 1) < 1e-9]
-    floor = min(ok, key=rmse_fit.get) if ok else None
-    # e.g. stopped early from a worse init: never hand back a grid worse than a baseline on the fit noises
-    if floor is not None and not fitted < rmse_fit[floor]:
-        warnings.warn(f"calibration of {sampler} at NFE {nfe} did not beat the {floor!r} grid on the fit noises "
-                      f"({fitted:.3e} vs {rmse_fit[floor]:.3e}); returning the {floor!r} grid", RuntimeWarning)
-        sig, fitted, method_used = baselines[floor], rmse_fit[floor], f"{method_used}; kept {floor} (no gain)"
-    rmse_fit = {"calibrated": fitted, **rmse_fit}
-    rmse_val = ({name: run(s, "val") for name, s in {"calibrated": sig, **baselines}.items()} if n_val else {})
-    return Calibration(sampler=sampler, nfe=nfe, sigmas=sig, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
-                       options=options, rmse_fit=rmse_fit, rmse_val=rmse_val,
-                       seconds={"reference": round(t_ref, 3), "fit": round(seconds_fit, 3)}, n_ref=n_ref,
-                       n_val=n_val, method=method_used, evaluations=best["evals"], reference=ref_info)
+            except NotDifferentiable:
+                if not auto:
+                    raise
+                method_used = "powell (the denoiser is not differentiable)"
+                _fit_scipy("powell", param, best, loss_of)
+        else:
+            _fit_scipy(method, param, best, loss_of)
+    except _OutOfTime:
+        method_used += " (stopped by its budget)"
+    except _PolishDone:
+        pass
+    return param.sigmas(best["z"]).detach(), best["loss"], best["evals"], method_used
 
 
 def _flow():
@@ -676,8 +706,8 @@ def _fit_scipy(method: str, param: GridParam, best: dict, loss_of) -> None:
                           "adaptive": len(x0) > 5})
 
 
-def _fit_gradient(param, best, loss_of, sampler, denoiser, fit_chunks, fit_ref, options, time_budget_s, t_fit,
-                  max_evals, bar) -> None:
+def _fit_gradient(param, best, sampler, denoiser, fit_chunks, fit_ref, options, time_budget_s, t_fit, max_evals,
+                  bar) -> None:
     """L-BFGS (strong Wolfe line search) on z; log RMSE through the differentiable solver."""
     z = best["z"].clone().requires_grad_(True)
 
@@ -708,9 +738,8 @@ def _fit_gradient(param, best, loss_of, sampler, denoiser, fit_chunks, fit_ref, 
         val = 0.5 * math.log(sse / count)
         if val < best["loss"]:
             best.update(loss=val, z=z.detach().clone())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
+        bar.update(1)
+        bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
         return torch.tensor(val, dtype=torch.float64)
 
     for _ in range(3):  # restart with a fresh history while it still gains (a line search can stall)
