@@ -37,6 +37,7 @@ from torch import Tensor
 from . import grids
 from .expint import lagrange_weights
 from .registry import get
+from .unipc import unipc_system
 
 FORMAT = "unifusion.calibration"
 VERSION = 1
@@ -307,20 +308,14 @@ def _dpmpp_3m_t(denoise, x, sig, *, order=3, lower_order_final=True):
 
 
 def _unipc_coefficients_t(h: Tensor, rks: list, variant: str) -> list:
-    """unipc.unipc_coefficients with h a tensor (the small system solved by torch, out of place)."""
+    """unipc.unipc_coefficients with h a tensor (the same system, solved by torch, out of place)."""
     if len(rks) == 1:
         return [0.5]
-    hh = -h
-    phi1 = torch.expm1(hh)
-    B = hh if variant == "bh1" else phi1
-    g, fact, b = phi1 / hh - 1, 1, []
-    for k in range(1, len(rks) + 1):
-        b.append(g * fact / B)
-        fact *= k + 1
-        g = g / hh - 1 / fact
+    rows, b = unipc_system(h, rks, variant, torch.expm1)
+
     def t(v):
         return torch.as_tensor(v, dtype=torch.float64)
-    A = torch.stack([torch.stack([t(r ** (k - 1)) for r in rks]) for k in range(1, len(rks) + 1)])
+    A = torch.stack([torch.stack([t(v) for v in row]) for row in rows])
     return list(torch.linalg.solve(A, torch.stack([t(v) for v in b])))
 
 

@@ -36,15 +36,21 @@ def unipc_coefficients(h: float, rks: list[float], variant: str) -> list[float]:
     solution a_1 = 1/2, which is where the choice of B(h) (bh1: h, bh2: e^h - 1) matters."""
     if len(rks) == 1:
         return [0.5]
+    return _solve(*unipc_system(h, rks, variant, math.expm1))
+
+
+def unipc_system(h, rks: list, variant: str, expm1) -> tuple[list[list], list]:
+    """The rows r_m^(k-1) and right-hand sides k! g_k(h) / B(h) of unipc_coefficients' system; h may
+    be a float (expm1=math.expm1) or a tensor (torch.expm1, for differentiable calibration)."""
     hh = -h
-    phi1 = math.expm1(hh)
+    phi1 = expm1(hh)
     B = hh if variant == "bh1" else phi1
     g, fact, b = phi1 / hh - 1, 1, []
     for k in range(1, len(rks) + 1):
         b.append(g * fact / B)
         fact *= k + 1
         g = g / hh - 1 / fact
-    return _solve([[r ** (k - 1) for r in rks] for k in range(1, len(rks) + 1)], b)
+    return [[r ** (k - 1) for r in rks] for k in range(1, len(rks) + 1)], b
 
 
 @register("unipc", order=3)
