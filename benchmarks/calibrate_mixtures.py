@@ -83,8 +83,8 @@ def main_table(args) -> dict:
                 print(f"{s:9s} {nfe:>4} {r['karras']:>10.3e} {r['tuned']:>10.3e} {r['calibrated']:>10.3e} "
                       f"{r['calibrated'] / r['tuned']:>9.2f} {r['own_val']:>18.3e} {r['evals']:>6} "
                       f"{cal.seconds['reference']:>6.1f} {cal.seconds['fit']:>6.1f}  {cal.method}", flush=True)
-        print(f"\nNFE | best peer (Karras grid) | ours karras | ours tuned | ours calibrated (sampler, picked on "
-              f"calibrate's held-out) | calibrated / best peer")
+        print("\nNFE | best peer (Karras grid) | ours karras | ours tuned | ours calibrated (sampler, picked on "
+              "calibrate's held-out) | calibrated / best peer")
         print("---|---|---|---|---|---")
         summary = {}
         for nfe in args.nfe:

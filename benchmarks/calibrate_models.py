@@ -75,7 +75,7 @@ def run_model(run: str, sampler: str, nfes: list[int], n: int, n_ref: int) -> di
 
 def table(res: dict) -> str:
     b = res["baselines"]
-    head = f"| NFE | " + " | ".join(f"FID {g}" for g in b) + " | FID calibrated | calibration s |"
+    head = "| NFE | " + " | ".join(f"FID {g}" for g in b) + " | FID calibrated | calibration s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         lines.append(f"| {r['nfe']} | " + " | ".join(f"{r['fid'][g]:.4f}" for g in b)

@@ -158,15 +158,20 @@ def test_logit_normal_uses_the_shift():
 
 
 def test_condition_dropout():
+    """Class conditioning's dropout (models/conditioning.py, the one place it is written): a mask
+    drawn with probability p sends exactly those labels to the null class."""
+    from unifusion.models.conditioning import ClassConditioning
     y = torch.arange(10).repeat(1000)
-    out = L.null_labels(y, 10, 0.2, torch.Generator().manual_seed(0))
+    cond = ClassConditioning(10, 4, drop=0.2)
+    mask = torch.rand(y.shape, generator=torch.Generator().manual_seed(0)) < cond.p_drop
+    out = cond.drop({"y": y}, mask)["y"]
     frac = float((out == 10).double().mean())
     assert abs(frac - 0.2) < 0.015
     kept = out != 10
     assert torch.equal(out[kept], y[kept])
-    assert torch.equal(L.null_labels(y, 10, 0.0), y)
+    assert torch.equal(cond.drop({"y": y}, torch.zeros_like(y, dtype=torch.bool))["y"], y)
     with pytest.raises(ValueError, match="dropout"):
-        L.null_labels(y, 10, 1.5)
+        ClassConditioning(10, 4, drop=1.5)
 
 
 def test_unknown_weighting():

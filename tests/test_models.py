@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unifusion import config as C
-from unifusion import data, densities, losses, models, parametrizations, processes
+from unifusion import data, models, processes
 from unifusion.models import ModelSpec
 from unifusion.training import loop as L
 

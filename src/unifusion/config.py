@@ -20,7 +20,7 @@ from pathlib import Path
 from . import densities, parametrizations, processes
 
 GROUPS = ("data", "model", "optimisation", "run")
-NOISE_DENSITIES = ("lognormal", "uniform_t", "logit_normal", "discrete")
+NOISE_DENSITIES = tuple(densities.DENSITIES)
 WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
 # keys a resumed run may change: they do not alter what is being learned
 RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
@@ -233,11 +233,18 @@ def load(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     return from_dict(overrides or {}, cfg)
 
 
+def unsafe_changes(cfg: TrainConfig, stored: dict, keys=None) -> list[str]:
+    """The keys (of `keys`, default all) where cfg differs from a stored run's config and that a
+    resumed run may not change (not in RESUME_SAFE)."""
+    return sorted(k for k in (keys if keys is not None else cfg.to_dict())
+                  if k not in RESUME_SAFE and stored.get(k) != getattr(cfg, k))
+
+
 def resumed(stored: dict, given: dict) -> TrainConfig:
     """The stored config of a run with the given keys applied; only RESUME_SAFE keys may change."""
     base = from_dict({k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}})
     changed = from_dict(given, base)
-    differ = [k for k in normalise(given) if k not in RESUME_SAFE and getattr(changed, k) != getattr(base, k)]
+    differ = unsafe_changes(changed, base.to_dict(), normalise(given))
     if differ:
         raise ValueError(f"--resume continues the stored run, whose {', '.join(flag(k) for k in differ)} "
                          f"cannot change (stored: {', '.join(repr(getattr(base, k)) for k in differ)}); "

@@ -9,7 +9,7 @@ from .parametrizations import _bc
 def classifier_free(denoiser, scale: float, uncond: dict, batched: bool = True):
     """Classifier-free guidance (Ho & Salimans 2022): D_u + scale * (D_c - D_u).
 
-    uncond: keyword overrides that make the call unconditional, e.g. {"y": null_labels}.
+    uncond: keyword overrides that make the call unconditional, e.g. {"y": the null class} (models.conditioning.ClassConditioning.null).
     scale = 1 is the conditional denoiser (one call), scale = 0 the unconditional one.
     batched: evaluate both in one call of batch 2B when every conditioning value is a tensor
     with the batch as its first axis (faster on accelerators, same result).

@@ -49,15 +49,3 @@ def denoising_loss(denoiser, x0: Tensor, sigma: Tensor, weight, noise: Tensor | 
     sigma = sigma.to(x0.dtype)
     D = denoiser(x0 + _bc(sigma, x0) * noise, sigma, **cond)
     return weight(sigma).to(x0.dtype) * (D - x0).pow(2).flatten(1).mean(1)
-
-
-def null_labels(y: Tensor, num_classes: int, p_drop: float, generator: torch.Generator | None = None) -> Tensor:
-    """Condition dropout for classifier-free guidance: each label becomes the null label
-    `num_classes` with probability p_drop."""
-    if not 0 <= p_drop <= 1:
-        raise ValueError(f"condition dropout must be in [0, 1], got {p_drop}")
-    if p_drop == 0:
-        return y
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_drop
-    return torch.where(drop, torch.full_like(y, num_classes), y)
-

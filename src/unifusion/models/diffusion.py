@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from .. import densities, losses, networks, parametrizations, processes
 from .. import samplers as S
 from ..guidance import classifier_free
-from ..parametrizations import _bc
 from . import conditioning
 from .base import Model
 from .spec import ModelSpec
@@ -57,7 +56,7 @@ class DiffusionModel(Model):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         x0 = batch["x0"]
         missing = [k for k in ("sigma", "noise", "drop") if k not in batch]
-        draws = self.random(len(x0), generator or torch.Generator().manual_seed(0)) if missing else {}
+        draws = self.random(len(x0), generator) if missing else {}  # generator None: the global RNG
         sigma = batch.get("sigma", draws.get("sigma")).to(x0.device, x0.dtype)
         noise = batch.get("noise", draws.get("noise")).to(x0.device, x0.dtype)
         cond = batch.get("cond") or {}
@@ -68,8 +67,7 @@ class DiffusionModel(Model):
             drop = batch.get("drop", draws.get("drop"))
             if drop is not None:
                 cond = self.cond.drop(cond, drop)
-        D = self.denoise(x0 + _bc(sigma, x0) * noise, sigma, **cond)
-        return self.weight(sigma).to(x0.dtype) * (D - x0).pow(2).flatten(1).mean(1)
+        return losses.denoising_loss(self.denoise, x0, sigma, self.weight, noise=noise, **cond)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int | None = None, seeds=None, noise: Tensor | None = None, sampler: str = "dpmpp_2m",

@@ -81,9 +81,8 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     cfg.validate()
     dist = distributed.setup(cfg.device)
     distributed.set_threads(cfg.threads, dist.device)
-    device, rank, world = dist.device, dist.rank, dist.world_size
     out = Path(cfg.out)
-    lock = run_dir.RunLock(out).acquire() if rank == 0 else None
+    lock = run_dir.RunLock(out).acquire() if dist.rank == 0 else None
     try:
         return _train(cfg, dist, out, progress)
     finally:
@@ -227,7 +226,7 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
 
 
 def _check_same_run(cfg, stored: dict, out: Path) -> None:
-    differ = sorted(k for k in cfg.to_dict() if k not in C.RESUME_SAFE and stored.get(k) != getattr(cfg, k))
+    differ = C.unsafe_changes(cfg, stored)
     if differ:
         raise ValueError(f"cannot resume {out}: the run was started with other "
                          f"{', '.join(C.flag(k) for k in differ)}; resume with `unifusion train --out {out} "
