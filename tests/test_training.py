@@ -272,6 +272,19 @@ def test_resuming_a_run_killed_after_its_last_checkpoint_writes_its_outputs(tmp_
         L.train(tiny(tmp_path, steps=3, resume=True), progress=False)
 
 
+def test_repeated_sigterm_only_asks_to_stop_but_a_second_ctrl_c_stops_at_once():
+    """A kill -9 of a multi-threaded torchrun makes Linux send the parent-death SIGTERM once per
+    exiting launcher thread: those repeats must not abort the checkpoint the first one asked for."""
+    import signal
+    with L._Interrupt() as stop:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.hit
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_ranks_checkpoint_and_stop_when_the_launcher_is_killed(tmp_path):
     """kill -9 of torchrun alone: its ranks (in sessions of their own) get SIGTERM from Linux, save
     one checkpoint at the same step and exit, instead of training on as orphans."""

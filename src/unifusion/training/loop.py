@@ -51,7 +51,12 @@ def lr_at(cfg: C.TrainConfig, step: int) -> float:
 
 class _Interrupt:
     """SIGINT (Ctrl-C) and SIGTERM (torchrun, SLURM, Kubernetes) set a flag; the loop saves a
-    checkpoint at the end of the step and stops. A second signal stops at once."""
+    checkpoint at the end of the step and stops. A second Ctrl-C stops at once.
+
+    A repeated SIGTERM only sets the flag again: schedulers escalate with SIGKILL, not a second
+    SIGTERM, and Linux sends the parent-death SIGTERM (distributed._die_with_launcher) once per
+    exiting thread of a killed multi-threaded launcher, so one kill -9 of torchrun can deliver
+    it two or more times in a row."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -67,7 +72,7 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.hit:
+        if self.hit and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.hit = True
 
