@@ -124,10 +124,10 @@ def test_run_dir_from_any_checkpoint_path(tmp_path):
 
 
 def test_quantization_levels():
-    assert E.quantization(data.digits("test")) == 17
+    assert data.levels(data.digits("test")) == 17
     x8 = torch.randint(0, 256, (10, 3, 4, 4)) / 255 * 2 - 1
-    assert E.quantization(data.ArrayDataset(x8)) == 256
-    assert E.quantization(data.load("moons", n=100)) is None
+    assert data.levels(data.ArrayDataset(x8)) == 256
+    assert data.levels(data.load("moons", n=100)) is None
 
 
 def test_nll_convention_matches_direct_integration():

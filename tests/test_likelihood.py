@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unifusion.likelihood import bits_per_dim, dequantize, log_likelihood
+from unifusion.likelihood import bits_per_dim, check_levels, dequantize, log_likelihood
 from tests.oracles import mixture_2d
 
 SMIN = 0.01
@@ -39,12 +39,25 @@ def test_hutchinson_is_unbiased():
 
 
 def test_bits_per_dim_convention():
-    # uniform density on [-1, 1]^d is log p = -d log 2; discretized to 256 levels that is 8 bits/dim
+    """Levels at the bin centres, delta = 2 / (L - 1): a density uniform over the dequantized
+    range [-1 - delta/2, 1 + delta/2]^d (width L delta) is worth log2 L bits/dim exactly, and
+    dequantize keeps every point inside the bin centred on its level."""
     d = 5
-    assert math.isclose(float(bits_per_dim(torch.tensor(-d * math.log(2.0)), d)), 8.0, rel_tol=1e-12)
-    x = torch.zeros(1000, 3)
-    u = (dequantize(x, generator=torch.Generator().manual_seed(0)) - x) * 128
-    assert 0 <= float(u.min()) and float(u.max()) < 1
+    for levels in (17, 256):
+        delta = 2 / (levels - 1)
+        log_p = torch.tensor(-d * math.log(levels * delta), dtype=torch.float64)
+        assert math.isclose(float(bits_per_dim(log_p, d, levels)), math.log2(levels), rel_tol=1e-12)
+        x = torch.linspace(-1, 1, levels).repeat(40)[:, None].double()
+        u = (dequantize(x, levels, generator=torch.Generator().manual_seed(0)) - x) / delta
+        assert -0.5 - 1e-9 <= float(u.min()) and float(u.max()) < 0.5 + 1e-9 and float(u.std()) > 0.25
+
+
+def test_check_levels_names_the_problem():
+    check_levels(torch.linspace(-1, 1, 17), 17)
+    with pytest.raises(ValueError, match="outside the dequantization range"):
+        check_levels(torch.tensor([0.0, 1.5]), 17)
+    with pytest.raises(ValueError, match="not on 17 levels"):
+        check_levels(torch.tensor([0.0, 0.03]), 17)
 
 
 def test_errors():

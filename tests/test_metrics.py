@@ -281,3 +281,17 @@ def test_inception_fid_variant_detected_from_weights(tmp_path):
     with torch.no_grad():
         x = torch.rand(1, 3, 8, 8) * 2 - 1
         torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_sliced_w2_matches_the_gaussian_shift_closed_form():
+    """N(0, I) against N(m, I) in D dims: every projection is a 1-D shift by theta.m, so the
+    sliced W2^2 is E[(theta.m)^2] = |m|^2 / D."""
+    g = np.random.default_rng(0)
+    d, n = 4, 5000
+    shift = np.array([0.6, -0.3, 0.0, 0.9])
+    a, b = g.standard_normal((n, d)), g.standard_normal((n, d)) + shift
+    expected = np.linalg.norm(shift) / math.sqrt(d)
+    assert abs(m.sliced_w2(a, b, projections=800) - expected) < 0.06 * expected
+    assert m.sliced_w2(a, g.standard_normal((n // 2, d)), projections=200) < 0.1  # unequal sizes (noise only)
+    with pytest.raises(ValueError, match="one dimension"):
+        m.sliced_w2(a, b[:, :2])

@@ -25,6 +25,7 @@ WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
 # keys a resumed run may change: they do not alter what is being learned
 RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
                "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite"}
+DEFAULT_NETWORK = "unet-digits"
 PREFIXES = {"network": "network_args", "process": "process_args", "density": "density_args"}
 
 
@@ -42,7 +43,14 @@ class TrainConfig:
     skip_corrupt: bool = opt(False, "data", "image folders: skip unreadable files instead of failing")
     num_workers: int = opt(0, "data", "DataLoader worker processes decoding images (0 = in the main process)")
     # ---- model
-    family: str = opt("diffusion", "model", "model family (models.FAMILIES)")
+    family: str = opt("diffusion", "model", "model family: diffusion (every process x parametrization), cnf "
+                                            "(the same denoiser trained by maximum likelihood), flow-nice, "
+                                            "flow-realnvp, flow-glow (coupling flows; --network.X sets their "
+                                            "arguments)")
+    dequantization: str = opt("uniform", "model", "likelihood families on discrete data: uniform | variational "
+                                                  "(coupling flows only)")
+    ode_tol: float = opt(1e-3, "model", "cnf: RK45 tolerance of the training solve")
+    ode_steps: int = opt(0, "model", "cnf: fixed RK4 steps of the training solve instead (0 = adaptive RK45)")
     process: str = opt("edm", "model", "noise process: " + ", ".join(sorted(processes.PROCESSES)))
     process_args: dict = opt({}, "model", "process arguments, e.g. --process.sigma_max 50 (VE), "
                                           "--process.schedule cosine (DDPM)")
@@ -53,9 +61,10 @@ class TrainConfig:
     density_args: dict = opt({}, "model", "noise-density arguments, e.g. --density.p_mean -1.0")
     weighting: str = opt("native", "model", "loss weight lambda(sigma): " + ", ".join(WEIGHTINGS))
     shift: float = opt(1.0, "model", "SD3 time shift, used by the logit_normal density and the sd3 grid")
-    network: str = opt("unet-digits", "model", "network preset (networks.PRESETS); its arguments can be changed")
+    network: str = opt(DEFAULT_NETWORK, "model", "network preset (networks.PRESETS); its arguments can be changed")
     network_args: dict = opt({}, "model", "network arguments over the preset's, e.g. --network.model_channels 32")
-    class_conditional: bool = opt(True, "model", "condition on labels when the data has them")
+    class_conditional: bool = opt(True, "model", "condition on labels when the data has them (the cnf and "
+                                                 "coupling-flow families are unconditional and ignore labels)")
     cond_drop: float = opt(0.1, "model", "label dropout for classifier-free guidance")
     sigma_min: float = opt(0.0, "model", "default sampling sigma_min (0 = the process's own range)")
     sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
@@ -92,6 +101,13 @@ class TrainConfig:
         from . import models, samplers
         from .samplers import grids
         _choice("family", self.family, models.FAMILIES)
+        _choice("dequantization", self.dequantization, ("uniform", "variational"))
+        if self.dequantization == "variational" and self.family not in models.flows.COUPLING_FAMILIES:
+            raise ValueError(f"--dequantization variational is for the coupling flows (flow-nice, flow-realnvp, "
+                             f"flow-glow), not --family {self.family}")
+        if self.family in models.flows.COUPLING_FAMILIES and self.network != DEFAULT_NETWORK:
+            raise ValueError(f"--network picks a denoiser preset; --family {self.family} has its own invertible "
+                             f"network: set its arguments with --network.NAME VALUE (e.g. --network.hidden 64)")
         _choice("process", self.process, processes.PROCESSES)
         _choice("parametrization", self.parametrization, parametrizations.PARAMETRIZATIONS)
         _choice("noise_density", self.noise_density, NOISE_DENSITIES)
@@ -105,11 +121,11 @@ class TrainConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "warmup_steps", "image_size", "channels", "num_workers", "threads",
+        for name in ("sample_every", "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
                      "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "sigma_data", "ema_half_life", "shift"):
+        for name in ("lr", "sigma_data", "ema_half_life", "shift", "ode_tol"):
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"{flag(name)} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.cond_drop <= 1:
@@ -286,7 +302,16 @@ def data_options(cfg: TrainConfig) -> dict:
 def model_spec(cfg: TrainConfig, source):
     """The ModelSpec a config trains on this data source."""
     from . import networks
-    from .models import ModelSpec
+    from .data import levels
+    from .models import ModelSpec, flows
+    data_range = [-1.0, 1.0] if getattr(source, "kind", "image") in ("image", "vector") else None
+    data = {"kind": "pixel", "shape": list(source.shape), "range": data_range, "levels": levels(source),
+            "source": str(cfg.data), "options": data_options(cfg)}
+    if cfg.family in flows.COUPLING_FAMILIES:  # an invertible network; no process, no noise levels
+        arch = flows.COUPLING_FAMILIES[cfg.family].architecture
+        return ModelSpec(family=cfg.family, network=networks.describe_flow(arch, source.shape, **cfg.network_args),
+                         process=None, parametrization=None, grid=None, data=data,
+                         training={"dequantization": cfg.dequantization}).validate()
     process = processes.get(cfg.process, **cfg.process_args)
     net_args = dict(cfg.network_args)
     if cfg.grad_checkpointing:
@@ -303,17 +328,17 @@ def model_spec(cfg: TrainConfig, source):
     # a process whose time starts at sigma = 0 (flow) samples down to EDM's 0.002
     sigma_min = cfg.sigma_min or (lo if lo > 0 else 0.002)
     sigma_max = cfg.sigma_max or hi
-    num_classes = source.num_classes if cfg.class_conditional else 0
+    num_classes = source.num_classes if cfg.class_conditional and cfg.family == "diffusion" else 0
     conditioning = ({"kind": "class", "num_classes": num_classes, "drop": cfg.cond_drop,
                      "class_names": source.class_names} if num_classes else {"kind": "none"})
-    data_range = [-1.0, 1.0] if getattr(source, "kind", "image") in ("image", "vector") else None
+    training = {"noise_density": {"name": cfg.noise_density, "kwargs": density_kwargs},
+                "weighting": cfg.weighting, "sigma_data": cfg.sigma_data}
+    if cfg.family == "cnf":
+        training = {"dequantization": cfg.dequantization, "ode_tol": cfg.ode_tol, "ode_steps": cfg.ode_steps}
     return ModelSpec(
         family=cfg.family, network=networks.describe(cfg.network, **net_args),
         process={"name": cfg.process, "kwargs": process.kwargs()},
         parametrization={"name": cfg.parametrization, "kwargs": param_kwargs},
         sigma_min=float(sigma_min), sigma_max=float(sigma_max), grid=grid, conditioning=conditioning,
-        data={"kind": "pixel", "shape": list(source.shape), "range": data_range, "source": str(cfg.data),
-              "options": data_options(cfg)},
-        training={"noise_density": {"name": cfg.noise_density, "kwargs": density_kwargs},
-                  "weighting": cfg.weighting, "sigma_data": cfg.sigma_data},
+        data=data, training=training,
     ).validate()

@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--sigma-min", type=float, default=None, help="default: the model's own range")
     sm.add_argument("--sigma-max", type=float, default=None, help="default: the model's own range (inf: pure noise)")
     sm.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional)")
+    sm.add_argument("--temperature", type=float, default=1.0,
+                    help="scale of the starting noise (flows: z ~ N(0, T^2 I); < 1 trades diversity for quality)")
     sm.add_argument("--label", type=int, default=None, help="one class for all samples (default seed %% classes)")
     sm.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     sm.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

@@ -30,6 +30,8 @@ def run_calibrate(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
     spec = model.spec
+    if model.one_pass:
+        raise ValueError(f"a {spec.family} model samples in one inverse pass: it has no noise levels to calibrate")
     k = spec.num_classes
     fit_labels = parse_labels(args.fit_labels, k, "--fit-labels") or list(range(k))
     val_labels = parse_labels(args.val_labels, k, "--val-labels") or list(range(k))

@@ -52,7 +52,8 @@ def run_sample(args) -> dict:
     with torch.no_grad():
         x, cond = model.sample(seeds=seeds, sampler=args.sampler, nfe=args.nfe, cond=cond, cfg=args.cfg,
                                grid=args.noise_grid, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                               batch_size=args.batch_size, progress=True, return_cond=True)
+                               batch_size=args.batch_size, progress=True, return_cond=True,
+                               temperature=args.temperature)
     arrays = {"x": x.numpy().astype(np.float32), "seeds": np.array(seeds)}
     if k:
         arrays["y"] = cond["y"].numpy()

@@ -35,9 +35,9 @@ from .folder import ImageFolderSource
 from .images import check_images, digits, image_folder, save_grid, write_image_folder
 from .npz import npz_arrays
 from .order import StepBatches, StepOrder
-from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate
+from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate, levels
 
-__all__ = ["ArrayDataset", "ImageFolderSource", "StepBatches", "StepOrder", "KINDS", "load", "names", "toys",
+__all__ = ["ArrayDataset", "ImageFolderSource", "StepBatches", "StepOrder", "KINDS", "load", "names", "toys", "levels",
            "digits", "image_folder", "npz_arrays", "write_image_folder", "save_grid", "check_values",
            "check_finite", "check_images", "check_batch", "collate", "images"]
 

@@ -171,3 +171,20 @@ def _noise(noise, x: Tensor, where: str) -> Tensor:
     noise = noise.to(torch.float32).contiguous()
     check_finite(noise, f"{where} noise")
     return noise
+
+
+def levels(source, limit: int = 10_000) -> int | None:
+    """The number of discrete levels of an image source's values on [-1, 1] (17 for sklearn's
+    digits, 256 for 8-bit images), or None for continuous data (vectors, latents, float images).
+    Image folders are 8-bit files: 256. The likelihood families dequantize with it."""
+    if getattr(source, "kind", "image") != "image":
+        return None
+    if not hasattr(source, "x"):  # streamed image files
+        return 256
+    x = source.x[:limit].double()
+    for count in (17, 256):
+        k = (x + 1) / 2 * (count - 1)
+        if torch.allclose(k, k.round(), atol=1e-4):
+            return count
+    return None
+

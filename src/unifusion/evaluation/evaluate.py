@@ -192,6 +192,8 @@ def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | 
     """One row: N samples (seeds first_seed.., the model's default conditions) drawn and scored.
     grid "calibrated": the model's calibrated grid for (sampler, nfe) (see calibrated_grid).
     options go to model.sample (sigma_min, sigma_max, sampler options)."""
+    if model.one_pass:
+        grid = None
     use = calibrated_grid(model, sampler, nfe, calibration_dir) if grid == "calibrated" else grid
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -199,56 +201,48 @@ def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | 
                                cfg=cfg_scale, batch_size=batch_size, return_cond=True, progress=progress, **options)
     seconds = time.perf_counter() - t0
     y = cond["y"] if cond and "y" in cond else None
-    shown = grid if isinstance(grid, str) else "calibrated" if grid is not None else model.spec.grid["name"]
+    shown = ("-" if model.one_pass else grid if isinstance(grid, str) else "calibrated" if grid is not None
+             else model.spec.grid["name"])
     shown = model.process.native_grid if shown == "native" else shown  # name the grid actually used
     return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=shown, cfg_scale=cfg_scale, seconds=seconds))
 
 
 # ------------------------------------------------------------------------------ likelihood
-def quantization(data: datasets.ArrayDataset) -> int | None:
-    """The number of evenly spaced levels of the data in [-1, 1] (17 for digits, 256 for 8-bit
-    images), or None for continuous data."""
-    for levels in (17, 256):
-        k = (data.x.double() + 1) / 2 * (levels - 1)
-        if torch.allclose(k, k.round(), atol=1e-4):
-            return levels
-    return None
-
-
 def nll(model, data: datasets.ArrayDataset, n: int, probes: int = 1, seed: int = 0, batch_size: int = 500) -> dict:
     """Negative log-likelihood of the first n examples of `data` through the model, in bits/dim.
 
-    Discrete data with L levels spaced delta = 2 / (L - 1) apart is dequantized uniformly inside
-    the bin centred on each level, x + (u - 1/2) delta with u ~ U[0, 1)^dim; then
-    -log2 P(x) <= -log2 p(x + (u - 1/2) delta) - dim log2 delta (a variational bound; with L = 256
-    this is the usual CIFAR-10 convention up to where the bins are centred). Continuous data gets
-    -log2 p(x) / dim. Conditional models are scored unconditionally (the null label): log p(x).
-    The divergence is Hutchinson's estimator with `probes` Rademacher probes (64 dims make the
-    exact trace 64 backward passes per call); RK45 at rtol = atol = 1e-5.
+    Discrete data with L levels is dequantized uniformly inside the bin centred on each level
+    (likelihood.py states the one convention: -log2 P(x) <= -log2 p(x + (u - 1/2) delta) -
+    log2 delta, delta = 2 / (L - 1); with L = 256 this is the usual CIFAR-10 bound). Continuous
+    data gets -log2 p(x) / dim. Conditional models are scored unconditionally (the null label):
+    log p(x). For the PF-ODE families the divergence is Hutchinson's estimator with `probes`
+    Rademacher probes (64 dims make the exact trace 64 backward passes per call); RK45 at
+    rtol = atol = 1e-5. Coupling flows give log p(x) exactly.
     """
     device = model.device
     x = data.x[:n].to(device)
-    levels = quantization(data)
+    levels = datasets.levels(data)
+    trained = getattr(getattr(model, "spec", None), "data", {}).get("levels")
+    if trained and levels != trained:
+        raise ValueError(f"the model was trained on data with {trained} levels but this data has "
+                         f"{levels or 'continuous'} levels: score it on data quantized like its training data")
     g = torch.Generator(device=device).manual_seed(seed)
     dim = x[0].numel()
-    # likelihood.dequantize / bits_per_dim take bins of width data_range / levels starting at x;
-    # our levels sit delta = 2 / (L - 1) apart at the bin centres: shift by delta / 2, and pass
-    # data_range = L * delta so that their bin width is delta
-    delta = 2 / (levels - 1) if levels else None
     out, nfe = [], 0
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size].double()
         if levels:
-            xb = dequantize(xb - delta / 2, levels, levels * delta, generator=g)
+            xb = dequantize(xb, levels, generator=g)
         lp, calls = model.log_likelihood(xb, divergence="hutchinson", probes=probes, generator=g, return_nfe=True)
         nfe = max(nfe, calls)
-        out.append(bits_per_dim(lp, dim, levels, levels * delta) if levels else -lp / (dim * math.log(2)))
+        out.append(bits_per_dim(lp, dim, levels) if levels else -lp / (dim * math.log(2)))
     bpd = torch.cat(out)
     return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))), "n": len(bpd),
             "levels": levels, "nfe": nfe, "probes": probes}
 
 
 # ------------------------------------------------------------------------------ output
+ONE_PASS = "inverse"  # the sampler column of a coupling flow's row
 COLUMNS = ("sampler", "nfe", "grid", "cfg_scale", "n", "fid", "kid", "precision", "recall", "accuracy",
            "copy_rate", "seconds")
 
@@ -358,6 +352,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (default: the model's own)")
     p.add_argument("--sigma-max", type=float, default=None,
                    help="starting noise level (default: the model's own; inf starts from pure noise)")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1: the model's own)")
     p.add_argument("--sweep", action="store_true", help="every sampler in --samplers x every NFE in --nfes")
     p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="samplers of the sweep")
     p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
@@ -396,18 +391,21 @@ def run(args) -> dict:
     scales = _items(args.cfg_scales, "--cfg-scales")
     if any(s != 1 for s in scales) and not nc:
         raise ValueError("--cfg-scales other than 1 need a class-conditional model; this one is unconditional")
-    if args.sweep:
+    if model.one_pass:  # a coupling flow: one inverse pass, no sampler / NFE / grid to sweep
+        names, nfes, grid_names = [ONE_PASS], [1], ["-"]
+    elif args.sweep:
         names, nfes = _items(args.samplers, "--samplers", str), _items(args.nfes, "--nfes", int)
     else:
         names, nfes = [args.sampler], [args.nfe]
-    grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
-    valid_grids = sorted(samplers.grids.GRIDS) + ["native", "calibrated"]
-    unknown_grids = [g for g in grid_names if g not in valid_grids]
-    if unknown_grids:
-        raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {valid_grids}")
-    unknown = [s for s in names if s not in samplers.names()]
-    if unknown:
-        raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
+    if not model.one_pass:
+        grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
+        valid_grids = sorted(samplers.grids.GRIDS) + ["native", "calibrated"]
+        unknown_grids = [g for g in grid_names if g not in valid_grids]
+        if unknown_grids:
+            raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {valid_grids}")
+        unknown = [s for s in names if s not in samplers.names()]
+        if unknown:
+            raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
     if min(nfes) < 1:
         raise ValueError(f"--nfe must be >= 1, got {min(nfes)}")
     source = spec.data.get("source")
@@ -421,7 +419,9 @@ def run(args) -> dict:
     note = ("" if ref.digits or not isinstance(ref.extractor, fx.DigitsFeatures) else
             "; NOTE: the data is not sklearn's digits, so the digits feature network is only a proxy and no "
             "class accuracy is reported")
-    print(f"model: {where} (step {step}, {spec.process['name']}/{spec.parametrization['name']}, "
+    kind = (f"{spec.family}, {spec.network['class']}" if model.one_pass else
+            f"{spec.family}, {spec.process['name']}/{spec.parametrization['name']}")
+    print(f"model: {where} (step {step}, {kind}, "
           f"{model.info['weights']} weights); reference: {source} ({len(ref.train)} examples), "
           f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}{note}")
     floor = real_data_row(ref)
@@ -430,7 +430,8 @@ def run(args) -> dict:
     for s, k, g, w in tqdm(settings, desc="eval", disable=len(settings) < 2):
         rows.append(evaluate(model, ref, s, k, args.n, g, w, args.batch_size, progress=len(settings) < 2,
                              calibration_dir=run_dir(args.checkpoint) / "calibration",
-                             sigma_min=args.sigma_min, sigma_max=args.sigma_max))
+                             sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                             **({"temperature": args.temperature} if args.temperature != 1 else {})))
     shown = rows + ([floor] if floor else [])
     print(table(shown))
     if floor:

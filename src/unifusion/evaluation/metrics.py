@@ -88,6 +88,25 @@ def fid(feats_a, feats_b) -> float:
     return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
 
 
+# --------------------------------------------------------------------------- sliced W2
+def sliced_w2(a, b, projections: int = 256, generator=0) -> float:
+    """Sliced 2-Wasserstein distance between two point sets (N, D), (M, D):
+    sqrt(E_theta W2^2(theta.a, theta.b)) over `projections` random unit directions theta, each
+    1-D W2 from the sorted projections (quantiles at (i + 1/2)/n when N != M). For N(0, I)
+    against N(m, I) it is |m| / sqrt(D) (the test checks this)."""
+    a, b = _as_2d(a, "a"), _as_2d(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sliced_w2 needs point sets of one dimension, got {a.shape[1]} and {b.shape[1]}")
+    rng = _rng(generator)
+    theta = rng.standard_normal((a.shape[1], projections))
+    theta /= np.linalg.norm(theta, axis=0, keepdims=True)
+    pa, pb = np.sort(a @ theta, axis=0), np.sort(b @ theta, axis=0)
+    if len(pa) != len(pb):
+        q = (np.arange(max(len(pa), len(pb))) + 0.5) / max(len(pa), len(pb))
+        pa, pb = np.quantile(pa, q, axis=0), np.quantile(pb, q, axis=0)
+    return float(np.sqrt(((pa - pb) ** 2).mean()))
+
+
 # ------------------------------------------------------------------------------------- KID
 def _rng(generator) -> np.random.Generator:
     if isinstance(generator, np.random.Generator):

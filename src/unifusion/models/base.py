@@ -5,6 +5,7 @@ only to this.
     model.random(n, generator) -> dict       the per-example random draws of a global batch
     model.sample(seeds=..., sampler=..., nfe=..., cond=..., cfg=...) -> samples in data space
     model.log_likelihood(x) -> (B,) nats     where the family has one
+    model.initialize(batch)                  data-dependent initialisation before step 0 (ActNorm)
 
 `random` exists so that data parallel training is exact: the loop draws the randomness of the
 whole global batch from one generator seeded by (seed, step), slices each rank's rows and puts
@@ -21,6 +22,7 @@ from .spec import ModelSpec
 
 class Model(nn.Module):
     family = "model"
+    one_pass = False  # True: sample() is one network pass (no sampler, no NFE, no grid)
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -36,6 +38,14 @@ class Model(nn.Module):
 
     def random(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         return {}
+
+    def initialize(self, batch: dict) -> None:
+        """Data-dependent initialisation from the first batch of a new run (before step 0, before
+        the EMA copy is taken); most families need none."""
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """Family-specific checks of a spec (ModelSpec.validate calls this); raise ValueError."""
 
     def sample(self, *args, **kwargs) -> Tensor:
         raise NotImplementedError(f"the {self.family} family cannot sample")

@@ -38,6 +38,10 @@ class DiffusionModel(Model):
         sigma_data = spec.parametrization["kwargs"].get("sigma_data", train.get("sigma_data", 0.5))
         self.weight = losses.weighting(train.get("weighting", "native"), self.param, sigma_data)
 
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        spec.check_denoiser_fields()
+
     # ------------------------------------------------------------------ the denoiser
     def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         """D(x, sigma, **cond) = E[x_0 | x] in the sigma-domain: what every sampler takes."""
@@ -59,7 +63,7 @@ class DiffusionModel(Model):
         draws = self.random(len(x0), generator) if missing else {}  # generator None: the global RNG
         sigma = batch.get("sigma", draws.get("sigma")).to(x0.device, x0.dtype)
         noise = batch.get("noise", draws.get("noise")).to(x0.device, x0.dtype)
-        cond = batch.get("cond") or {}
+        cond = batch.get("cond") or {} if self.cond.kind != "none" else {}  # unconditional: labels unused
         if self.cond.kind != "none":
             if not cond:
                 raise ValueError(f"this model is {self.cond.kind}-conditional but the batch has no 'cond'; "
@@ -74,17 +78,20 @@ class DiffusionModel(Model):
                nfe: int | None = None, steps: int | None = None, cond: dict | None = None, cfg: float = 1.0,
                grid=None, sigma_min: float | None = None, sigma_max: float | None = None,
                batch_size: int = 256, generator_seed: int = 0, progress: bool = False,
-               return_cond: bool = False, grid_options: dict | None = None, **options):
+               return_cond: bool = False, grid_options: dict | None = None, temperature: float = 1.0, **options):
         """Samples in data space, one per seed (default seeds 0..n-1).
 
         The starting noise of sample i is unit noise from its own generator seeded with seeds[i]
         (or row i of `noise`), so with a deterministic sampler a sample depends only on its seed
         and condition, never on the batch it was drawn in. Range and grid default to the spec's
         (the process's own). cond defaults to the conditioning's default (class: seed % K);
-        cfg is the classifier-free guidance scale (1: conditional, 0: unconditional).
+        cfg is the classifier-free guidance scale (1: conditional, 0: unconditional); temperature
+        scales the starting noise (1: the model's own distribution).
         With return_cond=True returns (x, cond).
         """
         seeds = self._seeds(n, seeds, noise)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         lo, hi = self.spec.sigma_range()
         sigma_min = lo if sigma_min is None else sigma_min
         sigma_max = hi if sigma_max is None else sigma_max
@@ -108,7 +115,7 @@ class DiffusionModel(Model):
             chunk = seeds[start:start + batch_size]
             z = (noise[start:start + len(chunk)].to(torch.float32) if noise is not None else torch.stack(
                 [torch.randn(self.spec.shape, generator=torch.Generator().manual_seed(s)) for s in chunk]))
-            z = z.to(device) * (1.0 if math.isinf(sigma_max) else sigma_max)
+            z = z.to(device) * (temperature * (1.0 if math.isinf(sigma_max) else sigma_max))
             c = {k: v[start:start + len(chunk)].to(device) for k, v in (cond or {}).items()}
             den = self.denoise if cfg == 1 else classifier_free(self.denoise, cfg, self.cond.null(len(chunk), device))
             gen = torch.Generator(device=device).manual_seed(generator_seed + start)

@@ -3,14 +3,17 @@
 A model folder is ``spec.json`` + ``weights.safetensors`` (+ ``ema.safetensors``); nothing else
 is read to load it (no preset names, no code paths in strings). The spec holds
 
-    family          which Model class (models.FAMILIES): "diffusion" covers every process x parametrization
+    family          which Model class (models.FAMILIES): "diffusion" covers every process x parametrization;
+                    "cnf" the same denoiser trained by maximum likelihood; "flow-nice", "flow-realnvp",
+                    "flow-glow" the coupling flows (models/flows.py: no process, parametrization, grid)
     network         {"class": name in networks.NETWORKS, "kwargs": every constructor argument}
     process         {"name": name in processes.PROCESSES, "kwargs": its arguments}
     parametrization {"name": name in parametrizations.PARAMETRIZATIONS, "kwargs": ...}
     sigma_min, sigma_max   default sampling range (None: the process's own range; inf: pure noise)
     grid            {"name": default grid ("native": the process's own), "kwargs": ...}
     conditioning    {"kind": "none"} | {"kind": "class", "num_classes", "drop", "class_names"}
-    data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1]}
+    data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1], "levels": L | null}
+                    (levels: discrete data on L levels, dequantized by the likelihood families)
                     | {"kind": "latent", "autoencoder": path, "shift", "scale", "shape"}
     training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float}
     calibrated      {"<sampler>@<nfe>": calibration dict}: grids fitted to this model by `unifusion
@@ -43,11 +46,11 @@ def _named(value, what: str) -> dict:
 class ModelSpec:
     family: str = "diffusion"
     network: dict = field(default_factory=dict)
-    process: dict = field(default_factory=lambda: {"name": "edm", "kwargs": {}})
-    parametrization: dict = field(default_factory=lambda: {"name": "edm", "kwargs": {"sigma_data": 0.5}})
+    process: dict | None = field(default_factory=lambda: {"name": "edm", "kwargs": {}})
+    parametrization: dict | None = field(default_factory=lambda: {"name": "edm", "kwargs": {"sigma_data": 0.5}})
     sigma_min: float | None = None
     sigma_max: float | None = None
-    grid: dict = field(default_factory=lambda: {"name": "native", "kwargs": {}})
+    grid: dict | None = field(default_factory=lambda: {"name": "native", "kwargs": {}})
     conditioning: dict = field(default_factory=lambda: {"kind": "none"})
     data: dict = field(default_factory=lambda: {"kind": "pixel", "shape": [], "range": [-1.0, 1.0]})
     training: dict = field(default_factory=dict)
@@ -56,22 +59,13 @@ class ModelSpec:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "ModelSpec":
-        """Every name known and every argument accepted; raises ValueError naming the field."""
-        from .. import networks, parametrizations, processes
+        """Every name known and every argument accepted; raises ValueError naming the field. The
+        fields every family shares are checked here, the rest by the family's check_spec."""
         from . import FAMILIES
         if self.version > SPEC_VERSION:
             raise ValueError(f"spec version {self.version} is newer than this unifusion reads ({SPEC_VERSION}); upgrade")
         if self.family not in FAMILIES:
             raise ValueError(f"spec family {self.family!r} is unknown; choose one of {sorted(FAMILIES)}")
-        self.network = networks.check_description(self.network)
-        self.process = _named(self.process, "process")
-        self.parametrization = _named(self.parametrization, "parametrization")
-        self.grid = _named(self.grid, "grid")
-        processes.get(self.process["name"], **self.process["kwargs"])  # raises on unknown names/args
-        parametrizations.get(self.parametrization["name"], **self.parametrization["kwargs"])
-        lo, hi = self.sigma_range()
-        if not 0 < lo < hi:
-            raise ValueError(f"spec sigma range must satisfy 0 < sigma_min < sigma_max, got [{lo}, {hi}]")
         kind = self.conditioning.get("kind")
         if kind not in CONDITIONING_KINDS:
             raise ValueError(f"spec conditioning kind {kind!r} is unknown; choose one of {list(CONDITIONING_KINDS)}")
@@ -85,12 +79,30 @@ class ModelSpec:
                              "supported by this version: train on pixels")
         if not self.data.get("shape"):
             raise ValueError("spec data needs the shape of one example, e.g. [1, 8, 8]")
+        levels = self.data.get("levels")
+        if levels is not None and not (isinstance(levels, int) and levels >= 2):
+            raise ValueError(f"spec data levels must be an integer >= 2 (or null for continuous data), got {levels!r}")
+        FAMILIES[self.family].check_spec(self)
+        return self
+
+    def check_denoiser_fields(self) -> None:
+        """network, process, parametrization, grid, sigma range and calibrated grids: the fields of
+        the families sampled through uf.sample (diffusion, cnf)."""
+        from .. import networks, parametrizations, processes
+        self.network = networks.check_description(self.network)
+        self.process = _named(self.process, "process")
+        self.parametrization = _named(self.parametrization, "parametrization")
+        self.grid = _named(self.grid, "grid")
+        processes.get(self.process["name"], **self.process["kwargs"])  # raises on unknown names/args
+        parametrizations.get(self.parametrization["name"], **self.parametrization["kwargs"])
+        lo, hi = self.sigma_range()
+        if not 0 < lo < hi:
+            raise ValueError(f"spec sigma range must satisfy 0 < sigma_min < sigma_max, got [{lo}, {hi}]")
         from ..samplers.calibrate import Calibration
         for key, cal in self.calibrated.items():
             c = Calibration.from_dict(cal, where=f"spec calibrated[{key!r}]")
             if key != calibration_key(c.sampler, c.nfe):
                 raise ValueError(f"spec calibrated[{key!r}] holds a grid for {c.sampler} at NFE {c.nfe}")
-        return self
 
     def calibration(self, sampler: str, nfe: int | None):
         """The calibrated grid stored for (sampler, nfe), or None."""

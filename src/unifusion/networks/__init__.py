@@ -19,6 +19,7 @@ import inspect
 from torch import nn
 
 from .dit import DiT
+from .invertible import FLOW_NETWORKS
 from .mlp import MLP
 from .unet import UNet
 
@@ -46,7 +47,8 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
 }
 
 
-NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT}
+# denoisers, and the invertible networks of the coupling-flow families (forward(x) -> (z, logdet))
+NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT, **FLOW_NETWORKS}
 
 
 def _signature_defaults(cls) -> dict:
@@ -56,6 +58,14 @@ def _signature_defaults(cls) -> dict:
 
 def _jsonable(v):
     return [_jsonable(e) for e in v] if isinstance(v, (tuple, list)) else v
+
+
+def describe_flow(cls_name: str, shape, **overrides) -> dict:
+    """{"class", "kwargs"} of an invertible network for data of this shape: every constructor
+    argument at its default unless overridden."""
+    cls = NETWORKS[cls_name]
+    return check_description({"class": cls_name, "kwargs": {**_signature_defaults(cls), **overrides,
+                                                              "shape": list(shape)}})
 
 
 def describe(preset: str, **overrides) -> dict:

@@ -131,13 +131,9 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
     model = models.build(spec).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_half_life)
     if state:
         models.io.load_weights(model, tensors["model"], str(last))
-        ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
-        if rank == 0:
-            print(f"resumed from {last} at step {start}")
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
     if cfg.precision == "fp16" and scaler is None:
         raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
@@ -152,7 +148,14 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     if start < cfg.steps:  # (a run killed after its last checkpoint resumes straight to its final outputs)
         first = next(batches)
         datasets.check_batch(first, need_cond=spec.num_classes > 0)
+        if not state:  # data-dependent initialisation (Glow's ActNorm), on the global batch under DDP
+            model.initialize(_to(first, device))
         _check_model_takes(model, first, spec, device)
+    ema = EMA(model, cfg.ema_half_life)  # after the initialisation, so the average starts from it
+    if state:
+        ema.load_state_dict(tensors["ema"])
+        if rank == 0:
+            print(f"resumed from {last} at step {start}")
     net = dist.wrap(torch.compile(model) if cfg.compile else model)
     tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
