@@ -79,6 +79,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "optimisation", "AdamW weight decay")
     grad_clip: float = opt(1.0, "optimisation", "max gradient norm (0 = off)")
     ema_half_life: float = opt(20000.0, "optimisation", "EMA half-life in training samples (EDM2)")
+    posthoc_every: int = opt(0, "optimisation", "post-hoc EMA: save snapshots of two power-function EMAs every N "
+                                                "steps to <out>/posthoc (0 = off; `unifusion ema` reconstructs any length)")
+    posthoc_stds: str = opt("0.05,0.10", "optimisation", "post-hoc EMA: the relative stds of the two tracked profiles")
     precision: str = opt("fp32", "optimisation", "fp32 | bf16 | fp16 (fp16 only on GPU)")
     compile: bool = opt(False, "optimisation", "torch.compile the model for training")
     grad_checkpointing: bool = opt(False, "optimisation", "recompute activations in backward to save memory")
@@ -121,7 +124,10 @@ class TrainConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
+        stds = posthoc_stds(self.posthoc_stds)
+        if len(stds) < 1 or not all(0 < v < math.sqrt(1 / 12) for v in stds):
+            raise ValueError(f"--posthoc-stds must be relative stds in (0, 0.288), e.g. 0.05,0.10; got {self.posthoc_stds!r}")
+        for name in ("posthoc_every", "sample_every", "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
                      "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -141,6 +147,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def posthoc_stds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--posthoc-stds: cannot read {text!r}; give comma-separated numbers, e.g. 0.05,0.10") from None
 
 
 def flag(key: str) -> str:

@@ -118,6 +118,20 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--save-to-model", action="store_true",
                     help="also store it in the model folder's spec.json as the default grid for this sampler and NFE")
     ca.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    em = sub.add_parser("ema", help="post-hoc EMA: reconstruct an EMA of any length from a run's snapshots",
+                        formatter_class=fmt,
+                        description="Karras et al. 2024 (EDM2): a run trained with --posthoc-every K saved two "
+                                    "power-function EMA profiles every K steps; any relative std is a least-squares "
+                                    "combination of those snapshots. Each std is written as a normal model folder.",
+                        epilog="examples:\n"
+                               "  unifusion train --posthoc-every 100 --out runs/digits\n"
+                               "  unifusion ema --checkpoint runs/digits --std 0.05,0.10,0.15\n"
+                               "  unifusion eval --checkpoint runs/digits/posthoc-ema/std-0.100\n"
+                               "  unifusion eval --checkpoint runs/digits --ema-sweep 0.02,0.05,0.1,0.15,0.2")
+    em.add_argument("--checkpoint", required=True, help="the run folder (its posthoc/ snapshots)")
+    em.add_argument("--std", required=True, help="relative stds of the EMAs to reconstruct, e.g. 0.05,0.10,0.15")
+    em.add_argument("--at", type=int, default=None, help="the step to reconstruct at (default: the last snapshot)")
+    em.add_argument("--out", default=None, help="output folder (default <run>/posthoc-ema; one std-X folder per std)")
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench.add_argument("what", choices=["samplers"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -150,6 +164,9 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate":
         from .calibrate import run_calibrate
         run_calibrate(args)
+    elif args.command == "ema":
+        from .ema import run_ema
+        run_ema(args)
     elif args.command == "bench":
         from ..evaluation.sampler_bench import main as bench_main
         return bench_main(args.rest) or 0

@@ -12,8 +12,10 @@ noise for every setting, so rows differ only by the sampler) and reports
 
 Alongside, the held-out split (when the data has one) scored the same way as if it were a set
 of samples: a reference point from real unseen data (at its own, often smaller, sample size, so
-FID is biased upwards relative to the rows). `--nll N` adds the PF-ODE
-bits/dim of N held-out images (Hutchinson divergence, uniform dequantization; see `nll`).
+FID is biased upwards relative to the rows). `--nll N` adds the bits/dim of N held-out images
+(uniform dequantization; see `nll`): through the PF-ODE with Hutchinson's divergence for the
+denoiser families (diffusion, flow matching, cnf), exactly for the coupling flows. A coupling
+flow samples in one inverse pass: its table has one row (sampler "inverse", NFE 1).
 
 Reference features and statistics are cached as .npz next to the outputs.
 """
@@ -332,6 +334,40 @@ def plot_cfg(rows: list[Row], path: Path) -> Path:
     return path
 
 
+def ema_sweep(args, model, ref, sampler: str, nfe: int, grid) -> list[tuple[float, Row]]:
+    """One row per post-hoc EMA std (cli/ema.py reconstructs the weights)."""
+    from ..cli.ema import model_with, parse_stds, snapshots_of
+    from ..training import ema as E
+    _, snaps = snapshots_of(args.checkpoint)
+    stds = parse_stds(args.ema_sweep)
+    made = [(std, E.reconstruct(snaps, std)[0]) for std in stds]  # every std fits, or nothing is scored
+    rows = []
+    for std, weights in made:
+        m = model_with(args.checkpoint, weights).to(model.device)
+        r = evaluate(m, ref, sampler, nfe, args.n, grid, 1.0, args.batch_size)
+        r.sampler = f"{r.sampler} (post-hoc ema {std:.3f})"
+        rows.append((std, r))
+    return rows
+
+
+def plot_ema_sweep(points: list[tuple[float, Row]], fixed: Row, path: Path) -> Path:
+    """FID against the post-hoc EMA's relative std, with the trained (fixed half-life) EMA as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([p[0] for p in points], [p[1].fid for p in points], "o-", label="post-hoc EMA")
+    ax.axhline(fixed.fid, color="gray", ls="--", label="EMA used in training (fixed half-life)")
+    ax.set_xlabel("relative std of the EMA profile")
+    ax.set_ylabel(f"FID ({fixed.sampler}, NFE {fixed.nfe}, n={fixed.n})")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------ CLI
 def _items(text: str, what: str, cast=float) -> list:
     try:
@@ -352,13 +388,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (default: the model's own)")
     p.add_argument("--sigma-max", type=float, default=None,
                    help="starting noise level (default: the model's own; inf starts from pure noise)")
+    p.add_argument("--ema-sweep", default=None, metavar="STDS",
+                   help="post-hoc EMA: also score EMAs of these relative stds reconstructed from the run's snapshots "
+                        "(training with --posthoc-every), e.g. 0.02,0.05,0.1,0.15,0.2; plots FID against the std")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1: the model's own)")
     p.add_argument("--sweep", action="store_true", help="every sampler in --samplers x every NFE in --nfes")
     p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="samplers of the sweep")
     p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
     p.add_argument("--cfg-scales", default="1", help="classifier-free guidance scales, e.g. 1,1.5,2,3 (1 = conditional)")
     p.add_argument("--n", type=int, default=1500, help="samples per setting")
-    p.add_argument("--nll", type=int, default=0, metavar="N", help="also PF-ODE bits/dim of N held-out examples")
+    p.add_argument("--nll", type=int, default=0, metavar="N", help="also the bits/dim of N held-out examples (PF-ODE; exact for coupling flows)")
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll")
     p.add_argument("--inception", default=None, help="Inception-v3 weights (.safetensors) for FID on other images")
     p.add_argument("--batch-size", type=int, default=500, help="samples per batch")
@@ -432,7 +471,11 @@ def run(args) -> dict:
                              calibration_dir=run_dir(args.checkpoint) / "calibration",
                              sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                              **({"temperature": args.temperature} if args.temperature != 1 else {})))
-    shown = rows + ([floor] if floor else [])
+    sweep = []
+    if args.ema_sweep:
+        sweep = ema_sweep(args, model, ref, names[0], nfes[0], grid_names[0] if not model.one_pass else None)
+        result_plot = plot_ema_sweep(sweep, rows[0], out / "ema_sweep.png")
+    shown = rows + [r for _, r in sweep] + ([floor] if floor else [])
     print(table(shown))
     if floor:
         print(f"(the held-out row scores {floor.n} real held-out images as if they were samples: FID is biased "
@@ -440,6 +483,12 @@ def run(args) -> dict:
     write_csv(shown, out / "eval.csv")
     result = {"checkpoint": str(args.checkpoint), "step": step, "reference": source,
               "features": ref.extractor.name, "rows": [dataclasses.asdict(r) for r in shown]}
+    if sweep:
+        result["ema_sweep"] = {"plot": str(result_plot), "fixed_ema_fid": rows[0].fid,
+                               "points": [{"std": std, "fid": r.fid} for std, r in sweep]}
+        best = min(sweep, key=lambda p: p[1].fid)
+        print(f"post-hoc EMA: best std {best[0]:.3f} (FID {best[1].fid:.3f}) vs the trained EMA's FID "
+              f"{rows[0].fid:.3f}; plot {result_plot}")
     if args.sweep and len(nfes) > 1:
         result["plot"] = str(plot_sweep(rows, out / "sweep.png", floor))
     if nc and len(scales) > 1 and rows[0].accuracy is not None:

@@ -64,7 +64,8 @@ class CNFModel(DiffusionModel):
         dim = x0[0].numel()
         y, offset = x0, 0.0
         if self.deq_kind == "uniform":
-            likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
+            if not torch.compiler.is_compiling():  # eager only: see conditioning.ClassConditioning.labels
+                likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
             y = likelihood.dequantize(x0, self.spec.data["levels"], u=batch.get("u", draws.get("u")).to(x0))
             offset = -dim * math.log(likelihood.bin_width(self.spec.data["levels"]))
         probe = batch.get("probe", draws.get("probe")).to(x0)

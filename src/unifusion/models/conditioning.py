@@ -60,7 +60,9 @@ class ClassConditioning(nn.Module):
         y = torch.as_tensor(y, device=device)
         if y.shape != (batch,) or y.is_floating_point():
             raise ValueError(f"class labels y must be integers of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+        # the range check reads values (a sync, and a graph break under torch.compile): eager code only;
+        # the trainer runs it on the first batch before compiling, and sources know their label count
+        if y.numel() and not torch.compiler.is_compiling() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             raise ValueError(f"class labels must lie in 0..{self.num_classes - 1} ({self.num_classes} is the "
                              f"null label), got {int(y.min())}..{int(y.max())}")
         return y.long()

@@ -120,7 +120,8 @@ class CouplingFlowModel(Model):
         draws = self.random(len(x0), generator) if need and need not in batch else {}
         dim = x0[0].numel()
         if self.deq_kind != "none":
-            likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
+            if not torch.compiler.is_compiling():  # eager only: see conditioning.ClassConditioning.labels
+                likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
         if self.deq_kind == "none":
             return to_bits(-self.log_prob(x0), dim)
         if self.deq_kind == "uniform":

@@ -221,6 +221,12 @@ class ActNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._ready = False  # a Python mirror of `initialized`: reading the buffer in every forward
+        # would be a device sync and a torch.compile graph break
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # the loaded buffer decides again at the next forward
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *[1] * (x.ndim - 2))
@@ -241,8 +247,10 @@ class ActNorm(nn.Module):
         self.initialized.fill_(1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not bool(self.initialized):
-            self._initialize(x)
+        if not self._ready:
+            if not bool(self.initialized):
+                self._initialize(x)
+            self._ready = True
         y = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
         spatial = x[0, 0].numel()
         return y, _per_example(spatial * self.log_scale.sum(), x)
@@ -419,7 +427,7 @@ class NICE(_Flow):
 
 
 class RealNVP(_Flow):
-    """RealNVP (Dinh et al. 2017) with tanh-bounded affine couplings and conv3x3-1x1-3x3 nets.
+    """RealNVP (Dinh et al. 2016, ICLR 2017) with tanh-bounded affine couplings and conv3x3-1x1-3x3 nets.
 
     Images [C, H, W]: for each of the first num_scales - 1 scales: `blocks` checkerboard couplings
     (alternating parity), Squeeze, `blocks` channel-mask couplings, then half of the (4C)

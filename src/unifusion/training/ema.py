@@ -13,6 +13,7 @@ initialisation quickly (the first update copies the weights).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -105,3 +106,159 @@ class EMA:
         for name, ema in self.shadow.items():
             ema.copy_(state[name])
         self.samples_seen = float(state[SAMPLES_SEEN_KEY])
+
+
+# ------------------------------------------------------------------------------ post-hoc EMA
+# Karras et al. 2024 (EDM2), Sec. 3 and App. C, written from the paper's equations. A power-function
+# EMA with exponent gamma averages the weights seen up to step t with the profile
+#     p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1),  0 <= tau <= t,
+# whose standard deviation relative to t is
+#     sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
+# Training tracks two such averages (update k: beta_k = (1 - 1/k)^(gamma + 1)) and saves both every
+# K steps. Any other sigma_rel at a time T is then a linear combination of the snapshots: the
+# coefficients minimise the L2 distance between the profiles, with closed-form inner products
+#     <p_(t1,g1), p_(t2,g2)> = (g1 + 1)(g2 + 1) min(t1, t2)^(g1 + g2 + 1) / ((g1 + g2 + 1) t1^(g1 + 1) t2^(g2 + 1)).
+POSTHOC_PREFIX = "posthoc"
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma > 0 of a power-function EMA with this relative std (0 < sigma_rel < 0.2887):
+    the real root of sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1 with gamma > 0."""
+    import numpy as np
+    s2 = float(sigma_rel) ** 2
+    if not 0 < sigma_rel < math.sqrt(1 / 12):
+        raise ValueError(f"a power-function EMA has a relative std in (0, {math.sqrt(1 / 12):.4f}) (gamma > 0), "
+                         f"got {sigma_rel}")
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    real = [float(r.real) for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
+    return max(real)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def _profile_dot(t1, g1, t2, g2):
+    """<p_(t1,g1), p_(t2,g2)> (broadcasting numpy arrays)."""
+    import numpy as np
+    t1, g1, t2, g2 = (np.asarray(v, dtype=np.float64) for v in (t1, g1, t2, g2))
+    tm = np.minimum(t1, t2)
+    # in logs: t^(g + 1) overflows for long runs
+    log = (np.log(g1 + 1) + np.log(g2 + 1) + (g1 + g2 + 1) * np.log(tm) - np.log(g1 + g2 + 1)
+           - (g1 + 1) * np.log(t1) - (g2 + 1) * np.log(t2))
+    return np.exp(log)
+
+
+def posthoc_coefficients(snap_t, snap_gamma, target_t: float, target_gamma: float) -> tuple[list[float], float]:
+    """Least-squares coefficients x of the snapshots (times snap_t, exponents snap_gamma) whose
+    combined profile is nearest to p_(target_t, target_gamma), and the relative L2 error of that
+    fit, ||sum x_i p_i - p_target|| / ||p_target|| (0 when the target is a snapshot's own profile)."""
+    import numpy as np
+    t, g = np.asarray(snap_t, dtype=np.float64), np.asarray(snap_gamma, dtype=np.float64)
+    A = _profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = _profile_dot(t, g, target_t, target_gamma)
+    x = np.linalg.lstsq(A, b, rcond=1e-13)[0]
+    norm2 = float(_profile_dot(target_t, target_gamma, target_t, target_gamma))
+    err2 = max(norm2 - 2 * float(x @ b) + float(x @ A @ x), 0.0)
+    return [float(v) for v in x], math.sqrt(err2 / norm2)
+
+
+class PowerEMA:
+    """Power-function EMAs of a model's floating tensors, one per exponent (float32 shadows),
+    updated once per optimiser step; `snapshot()` returns every profile's weights for saving."""
+
+    def __init__(self, model: nn.Module, sigma_rels: tuple[float, ...] = (0.05, 0.10)):
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        self.steps = 0
+        with torch.no_grad():
+            base = {n: t.detach().float().clone() for n, t in _named_tensors(model).items() if t.is_floating_point()}
+        self.shadows = [{n: t.clone() for n, t in base.items()} for _ in self.gammas]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        current = _named_tensors(model)
+        for gamma, shadow in zip(self.gammas, self.shadows):
+            beta = (1 - 1 / self.steps) ** (gamma + 1)  # the first update copies the weights
+            for name, avg in shadow.items():
+                avg.lerp_(current[name].detach().to(avg.device, torch.float32), 1.0 - beta)
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict]:
+        """Tensors {'<i>/<name>'} of every profile and metadata {step, gammas, sigma_rels} (strings)."""
+        tensors = {f"{i}/{name}": t for i, shadow in enumerate(self.shadows) for name, t in shadow.items()}
+        meta = {"step": str(self.steps), "gammas": ",".join(repr(g) for g in self.gammas),
+                "sigma_rels": ",".join(repr(s) for s in self.sigma_rels)}
+        return tensors, meta
+
+    def state_dict(self) -> dict[str, Tensor]:
+        tensors, _ = self.snapshot()
+        tensors[SAMPLES_SEEN_KEY] = torch.tensor(float(self.steps), dtype=torch.float64)
+        return tensors
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.snapshot()[0])
+        if set(state) - {SAMPLES_SEEN_KEY} != expected:
+            raise ValueError("post-hoc EMA state does not match the model or its --posthoc-stds")
+        for i, shadow in enumerate(self.shadows):
+            for name, t in shadow.items():
+                t.copy_(state[f"{i}/{name}"])
+        self.steps = int(state[SAMPLES_SEEN_KEY])
+
+
+def read_snapshots(folder) -> list[tuple[int, tuple[float, ...], dict[str, Tensor]]]:
+    """The snapshots in a run's posthoc/ folder: (step, gammas, tensors), by step."""
+    from pathlib import Path
+
+    from ..safeio import read_safetensors
+    out = []
+    for p in sorted(Path(folder).glob("step-*.safetensors")):
+        tensors, meta = read_safetensors(p, with_metadata=True)
+        out.append((int(meta["step"]), tuple(float(g) for g in meta["gammas"].split(",")), tensors))
+    return out
+
+
+def reconstruct(snapshots, sigma_rel: float, at_step: int | None = None,
+                max_error: float = 0.05) -> tuple[dict[str, Tensor], dict]:
+    """The weights of a power-function EMA with relative std `sigma_rel` at `at_step` (default: the
+    last snapshot), as the least-squares combination of the snapshots taken up to then. Raises a
+    ValueError when the profile fit's relative L2 error exceeds `max_error` (a length the tracked
+    profiles cannot express). Returns (weights, info)."""
+    if not snapshots:
+        raise ValueError("no post-hoc EMA snapshots: train with --posthoc-every K (e.g. 100) to record them")
+    at = snapshots[-1][0] if at_step is None else int(at_step)
+    used = [s for s in snapshots if s[0] <= at]
+    if not used:
+        raise ValueError(f"no snapshot at or before step {at} (the first is at step {snapshots[0][0]})")
+    target = sigma_rel_to_gamma(sigma_rel)
+    ts = [s[0] for s in used for _ in s[1]]
+    gs = [g for s in used for g in s[1]]
+    coef, err = posthoc_coefficients(ts, gs, at, target)
+    if err > max_error:
+        lo, hi = reconstructible_range(snapshots, at, max_error)
+        raise ValueError(f"an EMA with relative std {sigma_rel} at step {at} cannot be reconstructed from these "
+                         f"snapshots (profile error {err:.1%} > {max_error:.0%}); stds in about [{lo:.3f}, {hi:.3f}] can")
+    out: dict[str, Tensor] = {}
+    k = 0
+    for _, gammas, tensors in used:
+        for i in range(len(gammas)):
+            prefix = f"{i}/"
+            for name, t in tensors.items():
+                if name.startswith(prefix):
+                    key = name[len(prefix):]
+                    out[key] = out[key] + coef[k] * t.double() if key in out else coef[k] * t.double()
+            k += 1
+    return {n: t.float() for n, t in out.items()}, {"step": at, "sigma_rel": sigma_rel, "gamma": target,
+                                                      "profile_error": err, "snapshots": len(used)}
+
+
+def reconstructible_range(snapshots, at: int, max_error: float = 0.05) -> tuple[float, float]:
+    """The span of relative stds whose profile at step `at` the snapshots fit within max_error."""
+    import numpy as np
+    used = [s for s in snapshots if s[0] <= at]
+    ts = [s[0] for s in used for _ in s[1]]
+    gs = [g for s in used for g in s[1]]
+    ok = [s for s in np.linspace(0.005, 0.28, 300)
+          if posthoc_coefficients(ts, gs, at, sigma_rel_to_gamma(s))[1] <= max_error]
+    return (min(ok), max(ok)) if ok else (float("nan"), float("nan"))

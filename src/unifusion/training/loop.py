@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from .. import config as C
 from .. import data as datasets
 from .. import models
+from .. import safeio
 from ..safeio import atomic_path
 from . import checkpoint, distributed, run_dir
-from .ema import EMA
+from .ema import EMA, POSTHOC_PREFIX as POSTHOC_DIR, PowerEMA
 
 
 def _seed(*parts: int) -> int:
@@ -142,6 +143,7 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     log_path = out / "log.jsonl"
     if rank == 0:
         run_dir.truncate_log(log_path, start)
+        run_dir.truncate_snapshots(out / POSTHOC_DIR, start)
 
     batches = datasets.StepBatches(source, cfg.seed, B, world, rank, start, cfg.num_workers, end_step=cfg.steps)
     first = None
@@ -152,8 +154,11 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
             model.initialize(_to(first, device))
         _check_model_takes(model, first, spec, device)
     ema = EMA(model, cfg.ema_half_life)  # after the initialisation, so the average starts from it
+    posthoc = PowerEMA(model, C.posthoc_stds(cfg.posthoc_stds)) if cfg.posthoc_every else None
     if state:
         ema.load_state_dict(tensors["ema"])
+        if posthoc is not None:
+            posthoc.load_state_dict(tensors["posthoc"])
         if rank == 0:
             print(f"resumed from {last} at step {start}")
     net = dist.wrap(torch.compile(model) if cfg.compile else model)
@@ -199,6 +204,8 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
                     scaler.update()
                 opt.zero_grad(set_to_none=True)
                 ema.update(model, B)
+                if posthoc is not None:
+                    posthoc.update(model)
 
             done = step + 1
             window.append(float(total))
@@ -213,9 +220,12 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 window = []
             bar.update(1)
+            if posthoc is not None and rank == 0 and done % cfg.posthoc_every == 0:
+                tensors_, meta_ = posthoc.snapshot()
+                safeio.save_safetensors(tensors_, out / POSTHOC_DIR / f"step-{done:08d}.safetensors", meta_)
             stop_now = dist.any(stop.hit)  # every rank stops at the same step
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop_now:
-                last_ckpt = _save(out, done, model, ema, opt, cfg, bad, dist)
+                last_ckpt = _save(out, done, model, ema, opt, cfg, bad, dist, posthoc)
             if rank == 0 and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
                 _preview(out, done, model, ema, cfg, source)
             if stop_now:
@@ -272,14 +282,16 @@ def _check_model_takes(model, batch, spec, device):
         raise ValueError(f"the model's loss has shape {tuple(loss.shape)}, expected (2,) for two examples")
 
 
-def _save(out, step, model, ema, opt, cfg, bad, dist):
+def _save(out, step, model, ema, opt, cfg, bad, dist, posthoc=None):
     path = None
     if dist.rank == 0:
         opt_t, opt_meta = checkpoint.optimizer_to_tensors(opt.state_dict())
         state = {"step": step, "config": cfg.to_dict(), "spec": model.spec.to_dict(), "optimizer": opt_meta,
                  "bad_steps": bad}
-        path = checkpoint.save(out, step, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                           "optimizer": opt_t}, state, keep=cfg.keep_checkpoints)
+        groups = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_t}
+        if posthoc is not None:
+            groups["posthoc"] = posthoc.state_dict()
+        path = checkpoint.save(out, step, groups, state, keep=cfg.keep_checkpoints)
     dist.barrier()
     return path
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 LOCK = ".lock"
 CONFIG = "config.json"  # the run's config, written before step 0 (so --resume works before any checkpoint)
-RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png", CONFIG)  # what a unifusion run leaves
+RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png", CONFIG, "posthoc")  # what a unifusion run leaves
 
 
 class RunLock:
@@ -95,3 +95,15 @@ def stored_config(out: Path) -> dict | None:
         if isinstance(d, dict):
             return d
     return None
+
+
+def truncate_snapshots(folder: Path, step: int) -> None:
+    """Remove post-hoc EMA snapshots written after `step` by a run killed past its last checkpoint
+    (the resumed run writes them again, identically)."""
+    if folder.is_dir():
+        for p in folder.glob("step-*.safetensors"):
+            try:
+                if int(p.stem.split("-")[1]) > step:
+                    p.unlink()
+            except (IndexError, ValueError):
+                continue
