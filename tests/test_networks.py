@@ -22,6 +22,7 @@ TINY = {
                        attn_resolutions=(4,), num_heads=2),
     "dit-s2": dict(input_size=8, hidden_size=32, depth=2, num_heads=2),
     "dit-b2": dict(input_size=8, hidden_size=32, depth=2, num_heads=4, qk_norm="rms"),
+    "dit-l2": dict(input_size=8, hidden_size=32, depth=2, num_heads=4),
 }
 NUM_CLASSES = 5
 

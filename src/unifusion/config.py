@@ -37,10 +37,12 @@ def opt(default, group: str, help: str):
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str = opt("digits-train", "data", "toy name, digits[-train|-test], an image folder or an .npz file")
-    image_size: int = opt(0, "data", "image folders: resize + center-crop to this size (0 = keep)")
-    channels: int = opt(0, "data", "image folders: 1 or 3 (0 = infer)")
-    skip_corrupt: bool = opt(False, "data", "image folders: skip unreadable files instead of failing")
+    data: str = opt("digits-train", "data", "toy name, digits[-train|-test], an image folder, WebDataset tar "
+                                            "shards (a .tar, a folder of them, or shards-{000..009}.tar) or an .npz file")
+    image_size: int = opt(0, "data", "image folders and tar shards: resize + center-crop to this size (0 = keep)")
+    channels: int = opt(0, "data", "image folders and tar shards: 1 or 3 (0 = infer)")
+    skip_corrupt: bool = opt(False, "data", "image folders and tar shards: skip unreadable files / damaged "
+                                            "shards instead of failing")
     num_workers: int = opt(0, "data", "DataLoader worker processes decoding images (0 = in the main process)")
     # ---- model
     family: str = opt("diffusion", "model", "model family: diffusion (every process x parametrization), cnf "
@@ -302,11 +304,11 @@ def save(cfg: TrainConfig, path: Path) -> None:
 
 
 def data_options(cfg: TrainConfig) -> dict:
-    """The image-folder options, passed only where they apply."""
-    if not Path(cfg.data).is_dir():
+    """The options of streamed image sources (folders, WebDataset tar shards), passed only there."""
+    if not (Path(cfg.data).is_dir() or ".tar" in str(cfg.data)):
         if cfg.image_size or cfg.channels or cfg.skip_corrupt:
-            raise ValueError("--image-size / --channels / --skip-corrupt apply only to image folders, "
-                             f"and --data {cfg.data!r} is not a folder")
+            raise ValueError("--image-size / --channels / --skip-corrupt apply only to image folders and tar "
+                             f"shards, and --data {cfg.data!r} is neither")
         return {}
     return {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
 

@@ -1,4 +1,5 @@
-"""Data sources: 2-D toys, sklearn's digits, image folders (streamed from disk), .npz arrays.
+"""Data sources: 2-D toys, sklearn's digits, image folders and WebDataset tar shards (both
+streamed from disk), .npz arrays.
 
 `load(spec, **options)` is the one entry point the CLI and configs use; `StepBatches` turns a
 source into the training order's batches. Nothing here adds noise (a source may carry a fixed
@@ -23,7 +24,9 @@ The source interface (what the loop, evaluation and every new source file agree 
     `collate([source[i] for i in indices])`, for in-memory sources (no per-item overhead).
 
 Sources here: `ArrayDataset` (in memory; `.x`, `.y`, `.noise` are its tensors) for toys, digits,
-.npz files and `image_folder()`; `ImageFolderSource` (streaming) for `load(<folder>)`.
+.npz files and `image_folder()`; `ImageFolderSource` (streaming) for `load(<folder>)`;
+`TarShardSource` (streaming, map-style over indexed WebDataset shards, see `data.tar`) for
+`load(<shard.tar | pattern | folder of shards>)`, and `write_shards` to make such shards.
 """
 from __future__ import annotations
 
@@ -35,11 +38,12 @@ from .folder import ImageFolderSource
 from .images import check_images, digits, image_folder, save_grid, write_image_folder
 from .npz import npz_arrays
 from .order import StepBatches, StepOrder
+from .tar import TarShardSource, write_shards
 from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate, levels
 
-__all__ = ["ArrayDataset", "ImageFolderSource", "StepBatches", "StepOrder", "KINDS", "load", "names", "toys", "levels",
-           "digits", "image_folder", "npz_arrays", "write_image_folder", "save_grid", "check_values",
-           "check_finite", "check_images", "check_batch", "collate", "images"]
+__all__ = ["ArrayDataset", "ImageFolderSource", "TarShardSource", "StepBatches", "StepOrder", "KINDS", "load",
+           "names", "toys", "levels", "digits", "image_folder", "npz_arrays", "write_image_folder", "write_shards",
+           "save_grid", "check_values", "check_finite", "check_images", "check_batch", "collate", "images"]
 
 
 def names() -> list[str]:
@@ -63,14 +67,24 @@ def _call(fn, spec: str, options: dict, *args):
     return fn(*args, **options)
 
 
+def _shard_folder(p: Path) -> bool:
+    """A directory with *.tar files at its top and no image files anywhere (stops at the first)."""
+    if not p.is_dir() or not any(q.suffix.lower() == ".tar" and q.is_file() for q in p.iterdir()):
+        return False
+    return not any(q.suffix.lower() in images.IMAGE_EXTENSIONS and q.is_file() for q in p.rglob("*"))
+
+
 def load(spec: str, **options):
     """A source from its spec (see the interface above).
 
     spec: a toy name ("gmm", "moons", "checkerboard", "swissroll", "rings"; options n=10000,
     seed=0), "digits" (option split="all" | "train" | "test"; "digits-train" and "digits-test"
-    name the splits), a directory (a streaming `ImageFolderSource`; options image_size,
-    channels, skip_corrupt, probe) or an existing .npz file (an `ArrayDataset`; options key,
-    label_key, float_range). Names win over paths; write "./digits" to load a folder called digits.
+    name the splits), WebDataset tar shards (a streaming `TarShardSource`): a path ending in
+    .tar, a brace pattern naming .tar files ("shards/train-{000000..000009}.tar"), or a directory
+    holding *.tar files and no images; a directory of images (a streaming `ImageFolderSource`);
+    both take options image_size, channels, skip_corrupt, probe; or an existing .npz file (an
+    `ArrayDataset`; options key, label_key, float_range). Names win over paths; write "./digits"
+    to load a folder called digits.
     """
     spec = str(spec)
     if spec in toys.TOYS:
@@ -80,10 +94,12 @@ def load(spec: str, **options):
     if spec in ("digits-train", "digits-test"):
         return _call(digits, spec, options, spec.split("-")[1])
     p = Path(spec).expanduser()
+    if spec.lower().endswith(".tar") or ("{" in spec and ".tar" in spec.lower()) or _shard_folder(p):
+        return _call(TarShardSource, spec, options, spec)
     if p.is_dir():
         return _call(ImageFolderSource, spec, options, p)
     if p.is_file() and p.suffix.lower() == ".npz":
         return _call(npz_arrays, spec, options, p)
     why = "is not an .npz file" if p.is_file() else "does not exist"
     raise ValueError(f"unknown dataset {spec!r}: not one of {names()}, and as a path it {why}; "
-                     f"a path must be an existing image folder or .npz file")
+                     f"a path must be an existing image folder, .npz file or .tar shard(s)")

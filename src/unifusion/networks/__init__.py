@@ -44,6 +44,8 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
     # 32.5M / 129.5M params (the paper's 33M / 130M also count the learned-sigma output channels)
     "dit-s2": (DiT, dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6)),
     "dit-b2": (DiT, dict(input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12)),
+    # DiT-L/2 (Table 1: 458M); 456.8M params here, for benchmarks/gpu.py
+    "dit-l2": (DiT, dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=24, num_heads=16)),
 }
 
 
