@@ -24,7 +24,8 @@ NOISE_DENSITIES = tuple(densities.DENSITIES)
 WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
 # keys a resumed run may change: they do not alter what is being learned
 RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
-               "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite"}
+               "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite",
+               "sharding"}
 DEFAULT_NETWORK = "unet-digits"
 PREFIXES = {"network": "network_args", "process": "process_args", "density": "density_args"}
 
@@ -86,6 +87,10 @@ class TrainConfig:
     posthoc_stds: str = opt("0.05,0.10", "optimisation", "post-hoc EMA: the relative stds of the two tracked profiles")
     precision: str = opt("fp32", "optimisation", "fp32 | bf16 | fp16 (fp16 only on GPU)")
     compile: bool = opt(False, "optimisation", "torch.compile the model for training")
+    sharding: str = opt("ddp", "optimisation", "ddp | fsdp: under torchrun, replicate the model on every rank (DDP) or "
+                                              "shard parameters, gradients and optimizer state per block (FSDP2; fp32 "
+                                              "or bf16); one process runs unsharded either way. Checkpoints are the "
+                                              "same full-weight files, so a run may resume under the other")
     grad_checkpointing: bool = opt(False, "optimisation", "recompute activations in backward to save memory")
     max_bad_steps: int = opt(10, "optimisation", "abort after this many non-finite losses in a row")
     threads: int = opt(0, "optimisation", "CPU threads per process (0 = auto, see README; OMP_NUM_THREADS wins)")
@@ -119,6 +124,10 @@ class TrainConfig:
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("sharding", self.sharding, ("ddp", "fsdp"))
+        if self.sharding == "fsdp" and self.precision == "fp16":
+            raise ValueError("--sharding fsdp trains in --precision fp32 or bf16 (fp16 needs a loss scaler "
+                             "over sharded gradients, not supported); use bf16")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("sample_sampler", self.sample_sampler, samplers.names())
         _choice("grid", self.grid, list(grids.GRIDS) + ["native"])

@@ -1,14 +1,39 @@
-"""Data parallel set-up: a no-op for one process, DDP under torchrun (gloo on CPU, nccl on GPU)."""
+"""Data parallel set-up: a no-op for one process; under torchrun (gloo on CPU, nccl on GPU) either
+DDP (every rank holds the whole model) or FSDP2 (`--sharding fsdp`: parameters, gradients and
+optimizer state sharded over the ranks, one all-gather group per block).
+
+FSDP state is saved as *full* tensors gathered on rank 0, never as per-rank shards: a checkpoint
+written under FSDP is the same safetensors file, key for key and tensor for tensor, as one
+written by one process or under DDP, so `unifusion.models.load`, `unifusion sample` and
+`--resume` under any world size or sharding read it unchanged. The models this library trains
+(digits to ImageNet-scale diffusion models) fit one host's RAM whole; per-rank sharded files
+(torch.distributed.checkpoint) would be the next step for models that do not.
+
+The gather is `DTensor.full_tensor()` over the optimizer's own `state_dict()` (and the model's,
+the EMA's), not `torch.distributed.checkpoint.state_dict`: that one re-keys optimizer state by
+parameter name, while the one-process format keys it by parameter index; and the EMA shadows are
+no modules. Loading slices each full tensor into this rank's shard locally (no communication).
+
+The EMA and post-hoc EMA shadows are built from the sharded parameters, so they are DTensor
+shards too: an update is a local elementwise lerp, the same arithmetic per element as in one
+process (exact), costs no communication and no full copy; saving, previews and the final model
+gather them like the weights.
+"""
 from __future__ import annotations
 
 import datetime
 import os
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 @dataclass
@@ -17,20 +42,76 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    sharding: str = "ddp"
+    _root: nn.Module | None = field(default=None, repr=False)  # the FSDP-sharded model, once wrapped
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, net):
+    @property
+    def sharded(self) -> bool:
+        """True under torchrun with --sharding fsdp: parameters are DTensor shards."""
+        return self.enabled and self.sharding == "fsdp"
+
+    def wrap(self, model: nn.Module, compile: bool = False, precision: str = "fp32") -> nn.Module:
+        """The module the training step calls. DDP wraps (torch.compile inside); FSDP shards
+        `model` in place (its parameters become DTensor shards: build the optimizer and the EMA
+        after this) and compiles the sharded model. One process: the model, compiled if asked."""
+        if self.sharding == "fsdp" and not self.enabled:
+            if self.rank == 0:
+                print("--sharding fsdp: one process, so the model runs unsharded (FSDP shards over torchrun ranks)")
+        if self.sharded:
+            self._root = shard(model, self.device, self.world_size, precision)
+            return torch.compile(model) if compile else model
+        net = torch.compile(model) if compile else model
         if not self.enabled:
             return net
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(net, device_ids=ids)
 
     def no_sync(self, net):
-        """Skip the gradient all-reduce on accumulation micro-steps but the last."""
+        """Skip the gradient reduction on accumulation micro-steps but the last. Run the backward
+        inside it too: DDP decides at forward time, FSDP at backward time."""
+        if self.sharded:
+            return _fsdp_no_sync(self._root)
         return net.no_sync() if self.enabled else nullcontext()
+
+    # ---- full tensors for saving, shards for loading (module docstring)
+    def full(self, tree):
+        """Under FSDP (a collective: call it on every rank, with trees of the same structure):
+        rank 0 gets `tree` with every DTensor replaced by its full tensor on the CPU, the other
+        ranks None; tensors are gathered one at a time, so at most one full tensor is in device
+        memory. Otherwise `tree` itself, as it is."""
+        if not self.sharded:
+            return tree
+        out = _map(tree, self._gather)
+        return out if self.rank == 0 else None
+
+    def _gather(self, t):
+        if not _is_dtensor(t):
+            return t.detach().cpu() if self.rank == 0 else None
+        full = t.detach().full_tensor()
+        return full.cpu() if self.rank == 0 else None
+
+    def local(self, state: dict, like: dict) -> dict:
+        """A full state {name: tensor} (as read from a checkpoint) as this rank holds it: where
+        `like[name]` is a DTensor shard, this rank's shard of the full tensor (sliced locally,
+        no communication), on the shard's device; other entries as they are."""
+        return {k: _shard_like(v, like[k]) if k in like else v for k, v in state.items()}
+
+    def local_optimizer_state(self, opt_state: dict, opt: torch.optim.Optimizer) -> dict:
+        """A full optimizer state_dict (parameter-indexed, as saved) with each per-parameter tensor
+        of the parameter's shape sharded like that parameter, ready for opt.load_state_dict."""
+        if not self.sharded:
+            return opt_state
+        params = [p for group in opt.param_groups for p in group["params"]]
+        state = {}
+        for i, per_param in opt_state["state"].items():
+            p = params[int(i)]
+            state[i] = {k: _shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                        for k, v in per_param.items()}
+        return {**opt_state, "state": state}
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
@@ -56,7 +137,68 @@ class Dist:
             tdist.destroy_process_group()
 
 
-def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
+def shard(model: nn.Module, device: torch.device, world_size: int, precision: str = "fp32") -> nn.Module:
+    """FSDP2 in place: `fully_shard` on every element of every nn.ModuleList in the model (UNet
+    and DiT blocks, MLP blocks, flow layers; bottom-up, containers skipped), then on the root.
+
+    bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) - blocks all-gather and
+    compute with bf16 parameters, gradients are reduce-scattered (and accumulated over
+    micro-steps) in fp32, the sharded master weights and the optimizer stay fp32. The root does
+    not cast its inputs: the batch (x0, noise, sigma), the preconditioning and the loss stay
+    fp32 as under DDP, and the loop keeps torch.autocast on, which it needs - the root's own
+    layers (noise embedding, input/output convs) then hold bf16 parameters and take fp32
+    inputs, which only autocast reconciles - and which keeps autocast's float32 ops in float32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world_size,))
+    if precision == "bf16":
+        block = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    elif precision == "fp32":
+        block = root = MixedPrecisionPolicy()
+    else:
+        raise ValueError(f"--sharding fsdp supports --precision fp32 or bf16, not {precision}")
+    containers = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+    done: set[int] = set()
+    for module in reversed(list(model.modules())):  # children before their parents
+        if isinstance(module, nn.ModuleList):
+            for element in module:
+                if not isinstance(element, containers) and id(element) not in done:
+                    fully_shard(element, mesh=mesh, mp_policy=block)
+                    done.add(id(element))
+    fully_shard(model, mesh=mesh, mp_policy=root)
+    return model
+
+
+@contextmanager
+def _fsdp_no_sync(root):
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+def _shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not _is_dtensor(like):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    # src_data_rank=None: every rank holds the full tensor and keeps its own slice, no scatter
+    return distribute_tensor(t.detach().to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _map(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(v, fn) for v in tree)
+    return tree
+
+
+def setup(device: str = "auto", timeout_s: float | None = None, sharding: str = "ddp") -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group when there are
     several. The collective timeout (UNIFUSION_DIST_TIMEOUT seconds, default 120) turns a dead
     rank into an error on the others instead of a hang."""
@@ -73,7 +215,7 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> Dist:
     if world > 1 and not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("UNIFUSION_DIST_TIMEOUT", "120")))
         tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
-    return Dist(rank, world, local, dev)
+    return Dist(rank, world, local, dev, sharding)
 
 
 def _die_with_launcher() -> None:

@@ -85,7 +85,7 @@ class _Interrupt:
 def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     """Train as `cfg` says; returns where the outputs went (and 'interrupted': bool)."""
     cfg.validate()
-    dist = distributed.setup(cfg.device)
+    dist = distributed.setup(cfg.device, sharding=cfg.sharding)
     distributed.set_threads(cfg.threads, dist.device)
     out = Path(cfg.out)
     lock = run_dir.RunLock(out).acquire() if dist.rank == 0 else None
@@ -131,10 +131,8 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     spec = models.ModelSpec.from_dict(state["spec"]) if state else C.model_spec(cfg, source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
     model = models.build(spec).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state:
+    if state:  # into the whole model, before any sharding
         models.io.load_weights(model, tensors["model"], str(last))
-        opt.load_state_dict(checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
     if cfg.precision == "fp16" and scaler is None:
         raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
@@ -153,15 +151,21 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         if not state:  # data-dependent initialisation (Glow's ActNorm), on the global batch under DDP
             model.initialize(_to(first, device))
         _check_model_takes(model, first, spec, device)
+    # FSDP shards `model` in place: its parameters become DTensor shards, so the optimizer and the
+    # EMAs come after this and hold shards too (EMA updates are then local, elementwise: exact);
+    # saved state is gathered whole (dist.full) and loaded back as shards (dist.local)
+    net = dist.wrap(model, compile=cfg.compile, precision=cfg.precision)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_half_life)  # after the initialisation, so the average starts from it
     posthoc = PowerEMA(model, C.posthoc_stds(cfg.posthoc_stds)) if cfg.posthoc_every else None
     if state:
-        ema.load_state_dict(tensors["ema"])
+        opt.load_state_dict(dist.local_optimizer_state(
+            checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]), opt))
+        ema.load_state_dict(dist.local(tensors["ema"], ema.shadow))
         if posthoc is not None:
-            posthoc.load_state_dict(tensors["posthoc"])
+            posthoc.load_state_dict(dist.local(tensors["posthoc"], posthoc.snapshot()[0]))
         if rank == 0:
             print(f"resumed from {last} at step {start}")
-    net = dist.wrap(torch.compile(model) if cfg.compile else model)
     tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
@@ -180,9 +184,10 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
             for m in range(cfg.grad_accum):
                 batch = _to(_rows({**local, **draws}, slice(m * micro, (m + 1) * micro)), device)
                 sync = dist.no_sync(net) if m < cfg.grad_accum - 1 else nullcontext()
-                with sync, amp:
-                    loss = net(batch).mean() / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                with sync:  # the backward too: FSDP decides whether to reduce-scatter in backward
+                    with amp:
+                        loss = net(batch).mean() / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
                 total += loss.detach()
             total = dist.mean(total)
 
@@ -220,14 +225,18 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 window = []
             bar.update(1)
-            if posthoc is not None and rank == 0 and done % cfg.posthoc_every == 0:
+            if posthoc is not None and (rank == 0 or dist.sharded) and done % cfg.posthoc_every == 0:
                 tensors_, meta_ = posthoc.snapshot()
-                safeio.save_safetensors(tensors_, out / POSTHOC_DIR / f"step-{done:08d}.safetensors", meta_)
+                tensors_ = dist.full(tensors_)  # FSDP: every rank gathers, rank 0 gets full tensors
+                if rank == 0:
+                    safeio.save_safetensors(tensors_, out / POSTHOC_DIR / f"step-{done:08d}.safetensors", meta_)
             stop_now = dist.any(stop.hit)  # every rank stops at the same step
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop_now:
                 last_ckpt = _save(out, done, model, ema, opt, cfg, bad, dist, posthoc)
-            if rank == 0 and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
-                _preview(out, done, model, ema, cfg, source)
+            if (rank == 0 or dist.sharded) and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
+                whole, whole_ema = _unsharded(model, ema, dist)
+                if rank == 0:
+                    _preview(out, done, whole, whole_ema, cfg, source)
             if stop_now:
                 interrupted = True
                 break
@@ -236,11 +245,30 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         tb.close()
     result = {"out": str(out), "log": str(log_path), "checkpoint": str(last_ckpt) if last_ckpt else None,
               "interrupted": interrupted, "rank": rank}
-    if rank == 0 and not interrupted:
-        result["samples"] = str(_preview(out, cfg.steps, model, ema, cfg, source))
-        result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
-        result["model"] = str(models.save(model, out / "model", ema.state_dict()))
+    if not interrupted and (rank == 0 or dist.sharded):
+        whole, whole_ema = _unsharded(model, ema, dist)
+        if rank == 0:
+            result["samples"] = str(_preview(out, cfg.steps, whole, whole_ema, cfg, source))
+            result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
+            result["model"] = str(models.save(whole, out / "model", whole_ema.state_dict()))
     return result
+
+
+def _unsharded(model, ema, dist):
+    """(model, ema) as the one-process code paths (preview, models.save) take them. Under FSDP a
+    collective, so every rank calls it: the weights and the EMA are gathered whole, and rank 0
+    gets a plain (unsharded) copy of the model holding them and an EMA over that copy; the other
+    ranks get (None, None). Otherwise the arguments themselves."""
+    if not dist.sharded:
+        return model, ema
+    weights, shadow = dist.full(model.state_dict()), dist.full(ema.state_dict())
+    if dist.rank != 0:
+        return None, None
+    whole = models.build(model.spec).to(dist.device)
+    models.io.load_weights(whole, weights, "the gathered FSDP shards")
+    whole_ema = EMA(whole, ema.half_life, ema.warmup_ratio)
+    whole_ema.load_state_dict(shadow)
+    return whole, whole_ema
 
 
 def _check_same_run(cfg, stored: dict, out: Path) -> None:
@@ -283,14 +311,21 @@ def _check_model_takes(model, batch, spec, device):
 
 
 def _save(out, step, model, ema, opt, cfg, bad, dist, posthoc=None):
+    """Rank 0 writes full tensors; under FSDP every rank first takes part in gathering them, so a
+    checkpoint has the same files and keys whatever the sharding and the number of ranks."""
     path = None
+    if dist.rank == 0 or dist.sharded:
+        parts = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+        if posthoc is not None:
+            parts["posthoc"] = posthoc.state_dict()
+        parts = dist.full(parts)
     if dist.rank == 0:
-        opt_t, opt_meta = checkpoint.optimizer_to_tensors(opt.state_dict())
+        opt_t, opt_meta = checkpoint.optimizer_to_tensors(parts.pop("optimizer"))
         state = {"step": step, "config": cfg.to_dict(), "spec": model.spec.to_dict(), "optimizer": opt_meta,
                  "bad_steps": bad}
-        groups = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_t}
+        groups = {"model": parts["model"], "ema": parts["ema"], "optimizer": opt_t}
         if posthoc is not None:
-            groups["posthoc"] = posthoc.state_dict()
+            groups["posthoc"] = parts["posthoc"]
         path = checkpoint.save(out, step, groups, state, keep=cfg.keep_checkpoints)
     dist.barrier()
     return path
