@@ -137,7 +137,7 @@ def test_nll_convention_matches_direct_integration():
     E_u[-log2 p(x + (u - 1/2) delta)] - log2 delta."""
     s = 0.6
     x = torch.linspace(-1, 1, 17)[torch.tensor([5, 9, 12, 14, 16, 16])].repeat(100)[:, None]
-    ds = data.ArrayDataset(x.float())
+    ds = data.ArrayDataset(x.float(), kind="image")  # discrete values on [-1, 1]: image-like, 17 levels
 
     sigma_min = 0.002
 

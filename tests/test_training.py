@@ -329,3 +329,26 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_with_its_own_config(tm
     assert state["step"] == 30 and state["config"]["data"] == "moons" and state["config"]["network"] == "mlp-2d"
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 31))
+
+
+def test_ranks_that_would_resume_from_different_steps_are_refused(tmp_path, monkeypatch):
+    """Nodes with their own local --out: rank 0 finds the checkpoint, the others start over. The
+    ranks compare their resume step first and stop with a message instead of training apart."""
+    from unifusion.training import distributed
+    monkeypatch.setattr(distributed.Dist, "min_max", lambda self, v: (0, 10))
+    with pytest.raises(ValueError, match="resume from different steps.*every node mounts"):
+        L.train(tiny(tmp_path), progress=False)
+
+
+def test_a_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from unifusion.training import run_dir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="without file locks"):
+        lock = run_dir.RunLock(tmp_path / "run").acquire()
+    lock.release()

@@ -59,7 +59,8 @@ class DiffusionModel(Model):
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         x0 = batch["x0"]
-        missing = [k for k in ("sigma", "noise", "drop") if k not in batch]
+        drops = self.cond.kind != "none" and getattr(self.cond, "p_drop", 0) > 0
+        missing = [k for k in ("sigma", "noise") + (("drop",) if drops else ()) if k not in batch]
         draws = self.random(len(x0), generator) if missing else {}  # generator None: the global RNG
         sigma = batch.get("sigma", draws.get("sigma")).to(x0.device, x0.dtype)
         noise = batch.get("noise", draws.get("noise")).to(x0.device, x0.dtype)

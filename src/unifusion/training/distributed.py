@@ -120,6 +120,14 @@ class Dist:
             t /= self.world_size
         return t
 
+    def min_max(self, value: int) -> tuple[int, int]:
+        """(min, max) of an integer over the ranks (itself twice on one process)."""
+        if not self.enabled:
+            return value, value
+        t = torch.tensor([float(value), -float(value)], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t[0]), int(-t[1])
+
     def any(self, flag: bool) -> bool:
         """True on every rank when the flag is set on any (e.g. one rank caught SIGTERM)."""
         if not self.enabled:

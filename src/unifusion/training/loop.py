@@ -122,6 +122,11 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
             raise ValueError(f"the run in {out} is already at step {start}, beyond --steps {cfg.steps}; to train "
                              f"further, resume with a larger --steps")
 
+    lo, hi = dist.min_max(start)
+    if lo != hi:  # e.g. nodes with their own local --out: rank 0 resumes, the others start over
+        raise ValueError(f"the ranks resume from different steps ({lo} to {hi}): --out {out} must be one folder that "
+                         "every node mounts (rank 0 writes the checkpoints, every rank reads them)")
+
     # ---- data and model (a resumed run keeps the spec it was started with)
     source = datasets.load(cfg.data, **C.data_options(cfg))
     B = cfg.batch_size

@@ -3,10 +3,12 @@ run into an old one, `--overwrite` that deletes the old run, and the log cut bac
 checkpoint a run resumes from."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 LOCK = ".lock"
@@ -34,6 +36,11 @@ class RunLock:
             os.close(fd)
             raise ValueError(f"another run (pid {holder}) is writing to {self.out}; wait for it, "
                              "or choose another --out") from None
+        except OSError as e:  # a shared file system without flock (e.g. Lustre without -o flock)
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            warnings.warn(f"{self.out} is on a file system without file locks ({e.strerror}): training without "
+                          "the one-run-per-folder lock; make sure no other run uses this --out", stacklevel=2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
