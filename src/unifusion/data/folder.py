@@ -76,19 +76,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i) -> dict:
-        n = len(self)
-        i = operator.index(i)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} images")
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                return self._item(j)
-            except UnreadableImage:
-                if not self.skip_corrupt:
-                    raise
-                self._note_skipped(j)
-        raise ValueError(f"no readable images in {self.root}")
+        return readable_item(self, i, self._item, self._note_skipped, "images", f"no readable images in {self.root}")
 
     def _item(self, j: int) -> dict:
         """Item j decoded: {"x0": (C, H, W) in [-1, 1], "cond": {"y": label}} (no cond if unlabelled)."""
@@ -124,3 +112,23 @@ class ImageFolderSource(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"ImageFolderSource(n={len(self)}, shape={self.shape}, num_classes={self.num_classes}, "
                 f"source={self.source!r})")
+
+
+def readable_item(source, i, item, note_skipped, unit: str, none_readable: str) -> dict:
+    """item(i); when it raises UnreadableImage and source.skip_corrupt is set, the next readable
+    index instead (cyclically), noted with note_skipped(j), so a replacement depends only on i,
+    whatever the worker. Shared by the image-folder and tar-shard sources."""
+    n = len(source)
+    i = operator.index(i)
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {n} {unit}")
+    for k in range(n):
+        j = (i + k) % n
+        try:
+            return item(j)
+        except UnreadableImage:
+            if not source.skip_corrupt:
+                raise
+            note_skipped(j)
+    raise ValueError(none_readable)
+

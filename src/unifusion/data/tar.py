@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..safeio import atomic_path, atomic_write
-from .folder import PROBE, ImageFolderSource
+from .folder import PROBE, ImageFolderSource, readable_item
 from .images import (IMAGE_EXTENSIONS, UnreadableImage, _read, _resize_crop, _to_uint8, check_images, size_mismatch,
                      to_channels)
 
@@ -440,19 +440,8 @@ class TarShardSource(torch.utils.data.Dataset):
         return len(self.keys)
 
     def __getitem__(self, i) -> dict:
-        n = len(self)
-        i = operator.index(i)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} samples")
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                return self._item(j)
-            except UnreadableImage:
-                if not self.skip_corrupt:
-                    raise
-                self._note_unreadable(j)
-        raise ValueError(f"no readable images in the tar shards {self.source}")
+        return readable_item(self, i, self._item, self._note_unreadable, "samples",
+                             f"no readable images in the tar shards {self.source}")
 
     def _item(self, j: int) -> dict:
         """Sample j decoded: {"x0": (C, H, W) in [-1, 1], "cond": {"y": label}} (no cond if unlabelled)."""
