@@ -352,3 +352,18 @@ def test_a_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="without file locks"):
         lock = run_dir.RunLock(tmp_path / "run").acquire()
     lock.release()
+
+
+def test_a_run_refused_by_rank_0_ends_every_rank_at_once(tmp_path):
+    """Rank 0 alone checks the run folder (here: it already holds a run, and neither --resume nor
+    --overwrite is given); the other rank stops with it instead of waiting out the collective
+    timeout (120 s by default)."""
+    out = tmp_path / "run"
+    r = subprocess.run(_cli("train", *_train_args(out, steps=4)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t0 = time.time()
+    r = subprocess.run(_torchrun(2, out, steps=4), capture_output=True, text=True, timeout=100,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert time.time() - t0 < 60, "the second rank waited for the collective timeout"
+    assert "already holds a run" in r.stderr and "rank 0 refused" in r.stderr, r.stderr[-3000:]

@@ -88,8 +88,14 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
     dist = distributed.setup(cfg.device, sharding=cfg.sharding)
     distributed.set_threads(cfg.threads, dist.device)
     out = Path(cfg.out)
-    lock = run_dir.RunLock(out).acquire() if dist.rank == 0 else None
+    lock, refusal = None, None
+    if dist.rank == 0:
+        try:
+            lock = run_dir.RunLock(out).acquire()
+        except (ValueError, OSError) as e:
+            refusal = e
     try:
+        _agree(dist, refusal)
         return _train(cfg, dist, out, progress)
     finally:
         if lock is not None:
@@ -100,13 +106,17 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
 def _train(cfg, dist, out: Path, progress: bool) -> dict:
     device, rank, world = dist.device, dist.rank, dist.world_size
     last = checkpoint.latest(out) if cfg.resume else None
+    refusal = None
     if rank == 0:
-        run_dir.prepare(out, cfg.resume, cfg.overwrite)
-        stored = run_dir.stored_config(out) if cfg.resume else None
-        if stored is not None:  # the same run, or refuse (config.resumed merges the CLI's flags)
-            _check_same_run(cfg, stored, out)
-        C.save(cfg, out / run_dir.CONFIG)
-    dist.barrier()
+        try:
+            run_dir.prepare(out, cfg.resume, cfg.overwrite)
+            stored = run_dir.stored_config(out) if cfg.resume else None
+            if stored is not None:  # the same run, or refuse (config.resumed merges the CLI's flags)
+                _check_same_run(cfg, stored, out)
+            C.save(cfg, out / run_dir.CONFIG)
+        except (ValueError, OSError) as e:
+            refusal = e
+    _agree(dist, refusal)  # also the barrier: the folder is ready for every rank
 
     # ---- resume: the stored config must describe the same run (config.resumed merges the CLI's flags)
     tensors, state, start = {}, {}, 0
@@ -274,6 +284,15 @@ def _unsharded(model, ema, dist):
     whole_ema = EMA(whole, ema.half_life, ema.warmup_ratio)
     whole_ema.load_state_dict(shadow)
     return whole, whole_ema
+
+
+def _agree(dist, refusal: Exception | None) -> None:
+    """Rank 0 checks the run folder; its refusal ends every rank at once with the same cause,
+    instead of leaving the others waiting for the collective timeout."""
+    if dist.any(refusal is not None):
+        if refusal is not None:
+            raise refusal
+        raise ValueError("rank 0 refused to start this run; its message above says why")
 
 
 def _check_same_run(cfg, stored: dict, out: Path) -> None:
