@@ -31,7 +31,6 @@ Never part of `make test` (tests/test_gpu_bench.py runs --smoke on the CPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json

@@ -21,7 +21,6 @@ from unifusion.training import checkpoint
 from unifusion.training import loop as L
 from unifusion.training.ema import read_snapshots
 
-from .test_training import _cli
 
 RUN = {"data": "digits", "network.model_channels": 8, "steps": 6, "batch_size": 16, "checkpoint_every": 3,
        "keep_checkpoints": 5, "sample_every": 0, "log_every": 1, "warmup_steps": 2, "lr": 2e-3, "sample_nfe": 2,

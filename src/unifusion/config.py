@@ -45,6 +45,8 @@ class TrainConfig:
     skip_corrupt: bool = opt(False, "data", "image folders and tar shards: skip unreadable files / damaged "
                                             "shards instead of failing")
     num_workers: int = opt(0, "data", "DataLoader worker processes decoding images (0 = in the main process)")
+    reflow: bool = opt(False, "data", "train on the data's noise-data couplings (from `unifusion couple`) instead "
+                                      "of fresh noise: k-rectified flow; an error when the data has none")
     # ---- model
     family: str = opt("diffusion", "model", "model family: diffusion (every process x parametrization), cnf "
                                             "(the same denoiser trained by maximum likelihood), flow-nice, "
@@ -66,6 +68,8 @@ class TrainConfig:
     shift: float = opt(1.0, "model", "SD3 time shift, used by the logit_normal density and the sd3 grid")
     network: str = opt(DEFAULT_NETWORK, "model", "network preset (networks.PRESETS); its arguments can be changed")
     network_args: dict = opt({}, "model", "network arguments over the preset's, e.g. --network.model_channels 32")
+    init_from: str = opt("", "model", "start from this model's weights (a run, checkpoint or model folder; its EMA "
+                                      "when it has one), e.g. the teacher of a reflow; the networks must match")
     class_conditional: bool = opt(True, "model", "condition on labels when the data has them (the cnf and "
                                                  "coupling-flow families are unconditional and ignore labels)")
     cond_drop: float = opt(0.1, "model", "label dropout for classifier-free guidance")
@@ -314,7 +318,8 @@ def save(cfg: TrainConfig, path: Path) -> None:
 
 def data_options(cfg: TrainConfig) -> dict:
     """The options of streamed image sources (folders, WebDataset tar shards), passed only there."""
-    if not (Path(cfg.data).is_dir() or ".tar" in str(cfg.data)):
+    from .data.couplings import is_couplings
+    if is_couplings(cfg.data) or not (Path(cfg.data).is_dir() or ".tar" in str(cfg.data)):
         if cfg.image_size or cfg.channels or cfg.skip_corrupt:
             raise ValueError("--image-size / --channels / --skip-corrupt apply only to image folders and tar "
                              f"shards, and --data {cfg.data!r} is neither")
@@ -331,11 +336,19 @@ def model_spec(cfg: TrainConfig, source):
     data_range = [-1.0, 1.0] if getattr(source, "kind", "image") in ("image", "vector") else None
     data = {"kind": "pixel", "shape": list(source.shape), "range": data_range, "levels": levels(source),
             "source": str(cfg.data), "options": data_options(cfg)}
+    made = {}  # how the model was made, beyond the config: couplings, initial weights
+    if getattr(source, "reference", None) and source.reference[0]:  # couplings: scored against the teacher's data
+        data["source"], data["options"] = source.reference[0], dict(source.reference[1])
+        made["couplings"] = {"folder": str(cfg.data), "teacher": source.index.get("teacher"),
+                             "sampler": source.index.get("sampler")}
+    if cfg.init_from:
+        made["init_from"] = str(cfg.init_from)
     if cfg.family in flows.COUPLING_FAMILIES:  # an invertible network; no process, no noise levels
         arch = flows.COUPLING_FAMILIES[cfg.family].architecture
         return ModelSpec(family=cfg.family, network=networks.describe_flow(arch, source.shape, **cfg.network_args),
                          process=None, parametrization=None, grid=None, data=data,
-                         training={"dequantization": cfg.dequantization}).validate()
+                         training={"dequantization": cfg.dequantization, **({"made_from": made} if made else {})}
+                         ).validate()
     process = processes.get(cfg.process, **cfg.process_args)
     net_args = dict(cfg.network_args)
     if cfg.grad_checkpointing:
@@ -359,6 +372,8 @@ def model_spec(cfg: TrainConfig, source):
                 "weighting": cfg.weighting, "sigma_data": cfg.sigma_data}
     if cfg.family == "cnf":
         training = {"dequantization": cfg.dequantization, "ode_tol": cfg.ode_tol, "ode_steps": cfg.ode_steps}
+    if made:
+        training["made_from"] = made
     return ModelSpec(
         family=cfg.family, network=networks.describe(cfg.network, **net_args),
         process={"name": cfg.process, "kwargs": process.kwargs()},

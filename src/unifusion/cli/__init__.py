@@ -132,6 +132,25 @@ def parser() -> argparse.ArgumentParser:
     em.add_argument("--std", required=True, help="relative stds of the EMAs to reconstruct, e.g. 0.05,0.10,0.15")
     em.add_argument("--at", type=int, default=None, help="the step to reconstruct at (default: the last snapshot)")
     em.add_argument("--out", default=None, help="output folder (default <run>/posthoc-ema; one std-X folder per std)")
+    cp = sub.add_parser("couple", help="draw (noise, sample, label) couplings from a trained model into shards, "
+                                       "for reflow and distillation", formatter_class=fmt,
+                        description="Sample a teacher from seeds 0..n-1 with any sampler and store each unit noise, "
+                                    "its sample and its label in safetensors shards plus index.json. An interrupted "
+                                    "run resumes at the first missing shard (no seed duplicated or skipped).",
+                        epilog="examples:\n"
+                               "  unifusion couple --checkpoint runs/flow --sampler dopri5 --nfe 200 --n 20000 "
+                               "--out runs/couplings\n"
+                               "  unifusion train --data runs/couplings --reflow --process flow --parametrization "
+                               "velocity --init-from runs/flow --out runs/2rf")
+    cp.add_argument("--checkpoint", required=True, help="the teacher: a run, checkpoint or model folder")
+    cp.add_argument("--sampler", default="dpmpp_2m", help="sampler of the teacher")
+    cp.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the teacher's sampler")
+    cp.add_argument("--n", type=int, required=True, help="how many couplings (seeds 0..n-1)")
+    cp.add_argument("--out", required=True, help="output folder (shards + index.json)")
+    cp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
+    cp.add_argument("--shard-size", type=int, default=5000, help="couplings per shard")
+    cp.add_argument("--batch-size", type=int, default=500, help="samples per batch")
+    cp.add_argument("--no-ema", action="store_true", help="use the teacher's raw weights instead of its EMA")
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench.add_argument("what", choices=["samplers"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -143,7 +162,7 @@ def _main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.command != "train":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("sample", "eval", "calibrate"):
+    if args.command in ("sample", "eval", "calibrate", "couple"):
         from ..training.distributed import set_threads
         set_threads()  # the CPU thread policy of training applies to sampling too
     if args.command == "demo":
@@ -164,6 +183,9 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate":
         from .calibrate import run_calibrate
         run_calibrate(args)
+    elif args.command == "couple":
+        from .couple import run_couple
+        run_couple(args)
     elif args.command == "ema":
         from .ema import run_ema
         run_ema(args)

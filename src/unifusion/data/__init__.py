@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from . import images, toys
+from . import couplings, images, toys
 from .folder import ImageFolderSource
 from .images import check_images, digits, image_folder, save_grid, write_image_folder
 from .npz import npz_arrays
@@ -82,8 +82,9 @@ def load(spec: str, **options):
     name the splits), WebDataset tar shards (a streaming `TarShardSource`): a path ending in
     .tar, a brace pattern naming .tar files ("shards/train-{000000..000009}.tar"), or a directory
     holding *.tar files and no images; a directory of images (a streaming `ImageFolderSource`);
-    both take options image_size, channels, skip_corrupt, probe; or an existing .npz file (an
-    `ArrayDataset`; options key, label_key, float_range). Names win over paths; write "./digits"
+    both take options image_size, channels, skip_corrupt, probe; a folder of noise-data couplings
+    written by `unifusion couple` (a `CouplingSource`, items with "noise"); or an existing .npz file
+    (an `ArrayDataset`; options key, label_key, float_range). Names win over paths; write "./digits"
     to load a folder called digits.
     """
     spec = str(spec)
@@ -94,6 +95,8 @@ def load(spec: str, **options):
     if spec in ("digits-train", "digits-test"):
         return _call(digits, spec, options, spec.split("-")[1])
     p = Path(spec).expanduser()
+    if couplings.is_couplings(p):
+        return _call(couplings.CouplingSource, spec, options, p)
     if spec.lower().endswith(".tar") or ("{" in spec and ".tar" in spec.lower()) or _shard_folder(p):
         return _call(TarShardSource, spec, options, spec)
     if p.is_dir():

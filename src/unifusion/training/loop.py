@@ -148,6 +148,8 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     model = models.build(spec).to(device)
     if state:  # into the whole model, before any sharding
         models.io.load_weights(model, tensors["model"], str(last))
+    elif cfg.init_from:  # e.g. a reflow student starting from its teacher
+        _init_from(model, cfg.init_from)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
     if cfg.precision == "fp16" and scaler is None:
         raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
@@ -163,6 +165,9 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     if start < cfg.steps:  # (a run killed after its last checkpoint resumes straight to its final outputs)
         first = next(batches)
         datasets.check_batch(first, need_cond=spec.num_classes > 0)
+        if cfg.reflow and "noise" not in first:
+            raise ValueError(f"--reflow trains on noise-data couplings, but --data {cfg.data} has no noise; make "
+                             "couplings with `unifusion couple --checkpoint TEACHER --out DIR` and train on DIR")
         if not state:  # data-dependent initialisation (Glow's ActNorm), on the global batch under DDP
             model.initialize(_to(first, device))
         _check_model_takes(model, first, spec, device)
@@ -284,6 +289,17 @@ def _unsharded(model, ema, dist):
     whole_ema = EMA(whole, ema.half_life, ema.warmup_ratio)
     whole_ema.load_state_dict(shadow)
     return whole, whole_ema
+
+
+def _init_from(model, path) -> None:
+    """Load another model's weights (its EMA when it has one) into a new run's model."""
+    spec, weights, ema, info = models.read(path)
+    chosen = ema if ema is not None else weights
+    try:
+        models.io.load_weights(model, chosen, info["where"])
+    except ValueError as e:
+        raise ValueError(f"--init-from {path}: {e}; give a model with this run's network (the same --network "
+                         "and --network.X arguments)") from None
 
 
 def _agree(dist, refusal: Exception | None) -> None:
