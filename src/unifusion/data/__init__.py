@@ -22,11 +22,14 @@ The source interface (what the loop, evaluation and every new source file agree 
     evaluation's reference statistics).
   * Optional `batch(indices: list[int]) -> dict`: the collated batch, equal to
     `collate([source[i] for i in indices])`, for in-memory sources (no per-item overhead).
+  * Optional `reference = (data spec, options)`: the data a model trained on this source is
+    scored against, when that is not the source itself (couplings: the teacher's data).
 
 Sources here: `ArrayDataset` (in memory; `.x`, `.y`, `.noise` are its tensors) for toys, digits,
 .npz files and `image_folder()`; `ImageFolderSource` (streaming) for `load(<folder>)`;
 `TarShardSource` (streaming, map-style over indexed WebDataset shards, see `data.tar`) for
-`load(<shard.tar | pattern | folder of shards>)`, and `write_shards` to make such shards.
+`load(<shard.tar | pattern | folder of shards>)`, and `write_shards` to make such shards;
+`CouplingSource` (memory-mapped, see `data.couplings`) for a folder written by `unifusion couple`.
 """
 from __future__ import annotations
 
