@@ -6,6 +6,7 @@ import torch
 
 from .. import models
 from ..data.couplings import write_couplings
+from ..models.base import seed_noise
 
 
 def run_couple(args) -> dict:
@@ -31,7 +32,7 @@ def run_couple(args) -> dict:
               "latent", "data_source": spec.data.get("source"), "data_options": spec.data.get("options") or {}}
 
     def draw(seeds: list[int]) -> dict:
-        noise = torch.stack([torch.randn(spec.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        noise = seed_noise(spec.shape, seeds)
         with torch.no_grad():
             x, cond = model.sample(seeds=seeds, noise=noise, sampler=args.sampler, nfe=args.nfe, cfg=args.cfg,
                                    batch_size=args.batch_size, return_cond=True)

@@ -47,13 +47,14 @@ def straightness(denoise, noise: Tensor, steps: int = 100, cond: dict | None = N
 def model_straightness(model, n: int = 1000, steps: int = 100, seed: int = 0) -> dict:
     """straightness() of a flow-process model from seeds seed..seed+n-1 (the model's default
     conditions); other processes are refused (S is defined for the flow process's time)."""
+    from ..models.base import seed_noise
     spec = model.spec
     if getattr(model, "one_pass", False) or not spec.process or spec.process.get("name") != "flow":
         raise ValueError("straightness is defined for flow-process models (rectified flow / flow matching); this "
                          f"is a {spec.family} model" + (f" with the {spec.process['name']} process" if spec.process
                                                         else ""))
     seeds = list(range(seed, seed + n))
-    noise = torch.stack([torch.randn(spec.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    noise = seed_noise(spec.shape, seeds)
     cond = model.cond.default(seeds) if spec.num_classes else None
     return straightness(model.denoise, noise.to(model.device), steps,
                         {k: v.to(model.device) for k, v in (cond or {}).items()})

@@ -20,6 +20,12 @@ from torch import Tensor, nn
 from .spec import ModelSpec
 
 
+def seed_noise(shape, seeds) -> Tensor:
+    """Unit noise (len(seeds), *shape), row i from its own generator seeded with seeds[i]: what
+    every family samples from, so a sample depends on its seed alone (not on its batch)."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 class Model(nn.Module):
     family = "model"
     one_pass = False  # True: sample() is one network pass (no sampler, no NFE, no grid)

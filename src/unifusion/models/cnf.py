@@ -18,7 +18,6 @@ likelihood.py; the loss is in bits/dim.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -26,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import likelihood
 from .diffusion import LIKELIHOOD_SIGMA_MAX, DiffusionModel
-from .flows import check_dequantization, dequantization, to_bits
+from .flows import check_dequantization, dequantization, dequantize_batch, to_bits
 from .spec import ModelSpec
 
 
@@ -64,10 +63,7 @@ class CNFModel(DiffusionModel):
         dim = x0[0].numel()
         y, offset = x0, 0.0
         if self.deq_kind == "uniform":
-            if not torch.compiler.is_compiling():  # eager only: see conditioning.ClassConditioning.labels
-                likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
-            y = likelihood.dequantize(x0, self.spec.data["levels"], u=batch.get("u", draws.get("u")).to(x0))
-            offset = -dim * math.log(likelihood.bin_width(self.spec.data["levels"]))
+            y, offset = dequantize_batch(x0, self.spec.data["levels"], batch.get("u", draws.get("u")))
         probe = batch.get("probe", draws.get("probe")).to(x0)
         lo, hi = self.spec.sigma_range()
         # the trace's gradient is a double backward, which only the math attention kernel implements

@@ -17,7 +17,7 @@ from .. import densities, losses, networks, parametrizations, processes
 from .. import samplers as S
 from ..guidance import classifier_free
 from . import conditioning
-from .base import Model
+from .base import Model, seed_noise
 from .spec import ModelSpec
 
 LIKELIHOOD_SIGMA_MAX = 1e3  # where the PF-ODE prior N(0, sigma^2 I) stands in for an infinite sigma_max
@@ -114,8 +114,8 @@ class DiffusionModel(Model):
         chunks = range(0, len(seeds), batch_size)
         for start in tqdm(chunks, desc="sample", unit="batch", disable=not progress or len(chunks) < 2):
             chunk = seeds[start:start + batch_size]
-            z = (noise[start:start + len(chunk)].to(torch.float32) if noise is not None else torch.stack(
-                [torch.randn(self.spec.shape, generator=torch.Generator().manual_seed(s)) for s in chunk]))
+            z = (noise[start:start + len(chunk)].to(torch.float32) if noise is not None
+                 else seed_noise(self.spec.shape, chunk))
             z = z.to(device) * (temperature * (1.0 if math.isinf(sigma_max) else sigma_max))
             c = {k: v[start:start + len(chunk)].to(device) for k, v in (cond or {}).items()}
             den = self.denoise if cfg == 1 else classifier_free(self.denoise, cfg, self.cond.null(len(chunk), device))

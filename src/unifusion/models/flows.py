@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import likelihood, networks
 from ..networks.invertible import VariationalDequantizer
-from .base import Model
+from .base import Model, seed_noise
 from .spec import ModelSpec
 
 DEQUANTIZATIONS = ("uniform", "variational")
@@ -54,6 +54,16 @@ def check_dequantization(spec: ModelSpec) -> None:
     if kind == "variational" and spec.data.get("levels") is None:
         raise ValueError("variational dequantization needs discrete data (images on 17 or 256 levels); this data "
                          "is continuous: use --dequantization uniform (continuous data is not dequantized)")
+
+
+def dequantize_batch(x0: Tensor, levels: int, u: Tensor) -> tuple[Tensor, float]:
+    """(x0 + (u - 1/2) delta, -dim log delta): the point the density is evaluated at and the term
+    that turns its -log p into the bound on -log P(x0) (likelihood.py's convention). The level
+    check reads values, so it runs in eager code only (see conditioning.ClassConditioning.labels)."""
+    if not torch.compiler.is_compiling():
+        likelihood.check_levels(x0, levels, where="the batch")
+    dim = x0[0].numel()
+    return likelihood.dequantize(x0, levels, u=u.to(x0)), -dim * math.log(likelihood.bin_width(levels))
 
 
 def to_bits(nll_nats: Tensor, dim: int) -> Tensor:
@@ -98,10 +108,6 @@ class CouplingFlowModel(Model):
         z, logdet = self.net(x)
         return -0.5 * (z.pow(2).sum(1) + z.shape[1] * LOG_2PI) + logdet
 
-    @property
-    def delta(self) -> float:
-        return likelihood.bin_width(self.spec.data["levels"])
-
     # ------------------------------------------------------------------ training
     def random(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         """The dequantization draws: u ~ U[0, 1) (uniform) or eps ~ N(0, I) (variational)."""
@@ -119,18 +125,14 @@ class CouplingFlowModel(Model):
         need = {"uniform": "u", "variational": "eps"}.get(self.deq_kind)
         draws = self.random(len(x0), generator) if need and need not in batch else {}
         dim = x0[0].numel()
-        if self.deq_kind != "none":
-            if not torch.compiler.is_compiling():  # eager only: see conditioning.ClassConditioning.labels
-                likelihood.check_levels(x0, self.spec.data["levels"], where="the batch")
         if self.deq_kind == "none":
             return to_bits(-self.log_prob(x0), dim)
         if self.deq_kind == "uniform":
-            u = batch.get("u", draws.get("u")).to(x0)
-            log_q = 0.0
+            u, log_q = batch.get("u", draws.get("u")), 0.0
         else:
             u, log_q = self.dequantizer(x0, batch.get("eps", draws.get("eps")).to(x0))
-        y = likelihood.dequantize(x0, self.spec.data["levels"], u=u)
-        return to_bits(-self.log_prob(y) + log_q - dim * math.log(self.delta), dim)
+        y, offset = dequantize_batch(x0, self.spec.data["levels"], u)
+        return to_bits(-self.log_prob(y) + log_q + offset, dim)
 
     @torch.no_grad()
     def initialize(self, batch: dict) -> None:
@@ -156,8 +158,8 @@ class CouplingFlowModel(Model):
         chunks = range(0, len(seeds), batch_size)
         for start in tqdm(chunks, desc="sample", unit="batch", disable=not progress or len(chunks) < 2):
             chunk = seeds[start:start + batch_size]
-            z = (noise[start:start + len(chunk)].reshape(len(chunk), dim).float() if noise is not None else
-                 torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(s)) for s in chunk]))
+            z = (noise[start:start + len(chunk)] if noise is not None else seed_noise((dim,), chunk))
+            z = z.reshape(len(chunk), dim).float()
             with torch.no_grad():
                 x = self.net.inverse(z.to(self.device) * temperature)
             bounds = self.spec.data.get("range")
