@@ -14,6 +14,7 @@ so the regression target for F is (x_0 - c_skip x) / c_out, and the F-loss equal
 | v        | (n - sigma x_0) / sqrt(1+sigma^2)  | 1 / (1+sigma^2)    | -sigma / sqrt(1+sigma^2)     |
 | velocity | n - x_0  (flow matching u)         | 1 / (1+sigma)      | -sigma / (1+sigma)           |
 | edm      | EDM preconditioned F               | sd^2/(sigma^2+sd^2)| sigma sd / sqrt(sigma^2+sd^2)|
+| consistency | a consistency function's F      | sd^2/((sigma-smin)^2+sd^2) | (sigma-smin) sd / sqrt(sigma^2+sd^2) |
 
 v is Salimans & Ho (2022) v = alpha n - sigma_t x_0 of the VP process, written in the
 sigma-domain so it is defined for every process; it equals EDM's F with sigma_data = 1 up to sign.
@@ -172,7 +173,42 @@ class EDMPrecond(Parametrization):
         return {"sigma_data": self.sigma_data}
 
 
-PARAMETRIZATIONS = {"eps": Eps, "x0": X0, "v": V, "velocity": Velocity, "edm": EDMPrecond}
+class ConsistencyPrecond(EDMPrecond):
+    """A consistency function's preconditioning (Song et al. 2023, Appendix C).
+
+    EDM's c_in and c_noise, with c_skip and c_out shifted so that the boundary condition
+    f(x, sigma_min) = x holds exactly, whatever the network returns:
+        c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2),  c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2).
+    Its 1/c_out^2 loss weight is infinite at sigma_min: the consistency objectives (models/fewstep.py)
+    compare denoiser outputs instead."""
+
+    name = "consistency"
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002):
+        super().__init__(sigma_data)
+        if not sigma_min > 0:
+            raise ValueError(f"the consistency parametrization needs sigma_min > 0, got {sigma_min}")
+        self.sigma_min = sigma_min
+
+    def c_skip(self, sigma):
+        return self.sigma_data**2 / ((sigma - self.sigma_min) ** 2 + self.sigma_data**2)
+
+    def c_out(self, sigma):
+        return (sigma - self.sigma_min) * self.sigma_data * (sigma**2 + self.sigma_data**2).rsqrt()
+
+    def at_infinity(self):
+        raise ValueError("the consistency parametrization feeds ln(sigma)/4 to the network, which is infinite at "
+                         "sigma = inf; sample from a finite sigma_max instead")
+
+    def __repr__(self):
+        return f"ConsistencyPrecond(sigma_data={self.sigma_data}, sigma_min={self.sigma_min})"
+
+    def kwargs(self) -> dict:
+        return {"sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+
+
+PARAMETRIZATIONS = {"eps": Eps, "x0": X0, "v": V, "velocity": Velocity, "edm": EDMPrecond,
+                    "consistency": ConsistencyPrecond}
 
 
 def get(name: str, **kwargs) -> Parametrization:

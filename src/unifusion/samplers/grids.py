@@ -5,7 +5,13 @@ final 0 (the denoised output). A process enters only through the grids it induce
 ddpm, sd3, and "native": its paper's own choice), never inside a solver.
 
 sigma_max = inf (pure noise, flow time t = 1) is a grid's first level only where the grid is
-defined through flow time: uniform_t of a process that reaches sigma = inf (Flow), and sd3.
+defined through flow time: uniform_t of a process that reaches sigma = inf (Flow), and sd3; and
+in a distilled flow student's own `levels`.
+
+Two grids belong to few-step models (models/fewstep.py) and take their discretisation from the
+model's spec: `consistency` (n levels of a consistency model's karras(N) discretisation) and
+`levels` (n of a distilled student's fixed levels). Asking either for more levels than the model
+was trained on is a ValueError.
 """
 from __future__ import annotations
 
@@ -95,10 +101,43 @@ def tuned(n: int, sigma_min: float, sigma_max: float, rho: float = 15.0, scale: 
     return karras(n, max(sigma_min, scale / n), sigma_max, rho)
 
 
+def pick(count: int, n: int) -> Tensor:
+    """n of the points 0..count-1 of a discretisation whose point `count` is its end: indices
+    round(linspace(0, count, n + 1))[:-1], spread evenly, the first always 0 (distinct for n <= count)."""
+    return torch.linspace(0, count, n + 1, dtype=torch.float64).round().long()[:-1]
+
+
+def consistency(n: int, sigma_min: float, sigma_max: float, steps: int | None = None, rho: float = 7.0) -> Tensor:
+    """n levels of a consistency model's discretisation karras(steps, sigma_min, sigma_max, rho)
+    (Song et al. 2023): the points pick(steps - 1, n), never its last point sigma_min (where the
+    consistency function is the identity). A model's spec sets `steps` (its training N)."""
+    if steps is None or steps < 2:
+        raise ValueError(f"grid 'consistency' needs steps=N >= 2 (a consistency model's spec sets it), got {steps!r}")
+    if n > steps - 1:
+        raise ValueError(f"this consistency model's discretisation has {steps - 1} steps; ask for at most "
+                         f"{steps - 1} (nfe <= {steps - 1})")
+    return karras(steps, sigma_min, sigma_max, rho)[pick(steps - 1, n)]
+
+
+def levels(n: int, sigma_min: float, sigma_max: float, sigmas: list | None = None) -> Tensor:
+    """n of a distilled student's fixed noise levels `sigmas` (its spec sets them; "inf" is sigma = inf):
+    all of them for n = len(sigmas), else pick(len(sigmas), n). The student was trained there only."""
+    if not sigmas:
+        raise ValueError("grid 'levels' needs sigmas=[...] (a distilled student's spec sets them)")
+    sig = torch.tensor([float(s) for s in sigmas], dtype=torch.float64)
+    if n > len(sig):
+        raise ValueError(f"this student was distilled for {len(sig)} steps on fixed noise levels; ask for at most "
+                         f"{len(sig)} (nfe <= {len(sig)}), or pass another grid")
+    if float(sig[0]) != sigma_max:
+        raise ValueError(f"this student's levels start at sigma = {float(sig[0])}, not sigma_max = {sigma_max}; "
+                         "sample it from its own sigma_max (or pass another grid)")
+    return sig[pick(len(sig), n)]
+
+
 GRIDS = {"karras": karras, "loglinear": loglinear, "linear": linear, "uniform_t": uniform_t,
-         "ddpm": ddpm, "sd3": sd3, "tuned": tuned}
+         "ddpm": ddpm, "sd3": sd3, "tuned": tuned, "consistency": consistency, "levels": levels}
 NEEDS_PROCESS = {"uniform_t", "ddpm"}
-FROM_INF = {"uniform_t", "sd3"}  # the grids that can start at sigma_max = inf
+FROM_INF = {"uniform_t", "sd3", "levels"}  # the grids that can start at sigma_max = inf
 
 
 def make(grid, n: int, sigma_min: float, sigma_max: float, process: Process | None = None, **opts) -> Tensor:
