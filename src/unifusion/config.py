@@ -51,11 +51,18 @@ class TrainConfig:
     family: str = opt("diffusion", "model", "model family: diffusion (every process x parametrization), cnf "
                                             "(the same denoiser trained by maximum likelihood), flow-nice, "
                                             "flow-realnvp, flow-glow (coupling flows; --network.X sets their "
-                                            "arguments)")
+                                            "arguments), autoencoder (a KL autoencoder, LDM-style: see `unifusion "
+                                            "autoencoder train`)")
     dequantization: str = opt("uniform", "model", "likelihood families on discrete data: uniform | variational "
                                                   "(coupling flows only)")
     ode_tol: float = opt(1e-3, "model", "cnf: RK45 tolerance of the training solve")
     ode_steps: int = opt(0, "model", "cnf: fixed RK4 steps of the training solve instead (0 = adaptive RK45)")
+    kl_weight: float = opt(1e-6, "model", "autoencoder: weight of KL(q(z|x) || N(0, I)) per pixel (LDM's 1e-6)")
+    rec_loss: str = opt("l1", "model", "autoencoder: reconstruction loss, l1 | l2 (mean over pixels)")
+    perceptual_weight: float = opt(0.0, "model", "autoencoder: weight of the perceptual distance (unifusion.perceptual)")
+    disc_weight: float = opt(0.0, "model", "autoencoder: weight of the patch discriminator's hinge-GAN term "
+                                           "(0 = no discriminator)")
+    disc_start: int = opt(0, "model", "autoencoder: training step at which the discriminator switches on")
     process: str = opt("edm", "model", "noise process: " + ", ".join(sorted(processes.PROCESSES)))
     process_args: dict = opt({}, "model", "process arguments, e.g. --process.sigma_max 50 (VE), "
                                           "--process.schedule cosine (DDPM)")
@@ -70,6 +77,18 @@ class TrainConfig:
     network_args: dict = opt({}, "model", "network arguments over the preset's, e.g. --network.model_channels 32")
     init_from: str = opt("", "model", "start from this model's weights (a run, checkpoint or model folder; its EMA "
                                       "when it has one), e.g. the teacher of a reflow; the networks must match")
+    objective: str = opt("denoise", "model", "what the model learns: denoise (the diffusion / flow-matching loss) | "
+                                             "distill (onto couplings: --data from `unifusion couple`) | progressive "
+                                             "(halve a --teacher's Euler steps) | cd (consistency distillation of a "
+                                             "--teacher) | ict (improved consistency training): few-step students, "
+                                             "see models/fewstep.py")
+    teacher: str = opt("", "model", "progressive, cd: the teacher (a run, checkpoint or model folder)")
+    student_steps: int = opt(0, "model", "distill: the student's steps K (0 = 1); progressive: K, where the teacher "
+                                         "takes 2K (0 = half a distilled teacher's steps)")
+    distance: str = opt("auto", "model", "few-step objectives: l2 | pseudo_huber | perceptual (auto = pseudo_huber "
+                                         "for cd and ict, l2 otherwise)")
+    cm_steps: int = opt(18, "model", "cd: the discretisation's N (karras, rho 7)")
+    teacher_solver: str = opt("heun", "model", "cd: the teacher's ODE step, euler | heun")
     class_conditional: bool = opt(True, "model", "condition on labels when the data has them (the cnf and "
                                                  "coupling-flow families are unconditional and ignore labels)")
     cond_drop: float = opt(0.1, "model", "label dropout for classifier-free guidance")
@@ -122,6 +141,14 @@ class TrainConfig:
         if self.family in models.flows.COUPLING_FAMILIES and self.network != DEFAULT_NETWORK:
             raise ValueError(f"--network picks a denoiser preset; --family {self.family} has its own invertible "
                              f"network: set its arguments with --network.NAME VALUE (e.g. --network.hidden 64)")
+        _choice("rec_loss", self.rec_loss, ("l1", "l2"))
+        ae_preset = self.network.startswith("ae-")
+        if self.family == "autoencoder" and self.network != DEFAULT_NETWORK and not ae_preset:
+            raise ValueError(f"--family autoencoder takes an autoencoder preset (ae-f4, ae-f8), not --network "
+                             f"{self.network}")
+        if self.family != "autoencoder" and ae_preset:
+            raise ValueError(f"--network {self.network} is an autoencoder; train it with --family autoencoder "
+                             "(`unifusion autoencoder train`)")
         _choice("process", self.process, processes.PROCESSES)
         _choice("parametrization", self.parametrization, parametrizations.PARAMETRIZATIONS)
         _choice("noise_density", self.noise_density, NOISE_DENSITIES)
@@ -142,7 +169,8 @@ class TrainConfig:
         stds = posthoc_stds(self.posthoc_stds)
         if len(stds) < 1 or not all(0 < v < math.sqrt(1 / 12) for v in stds):
             raise ValueError(f"--posthoc-stds must be relative stds in (0, 0.288), e.g. 0.05,0.10; got {self.posthoc_stds!r}")
-        for name in ("posthoc_every", "sample_every", "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start", "posthoc_every", "sample_every",
+                     "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
                      "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -158,6 +186,7 @@ class TrainConfig:
         if self.shift != 1 and self.noise_density not in ("logit_normal",) and self.grid not in ("native", "sd3"):
             raise ValueError("--shift applies to the logit_normal noise density and the sd3 grid; "
                              "use --noise-density logit_normal and/or --grid sd3")
+        models.fewstep.check_config(self)  # --objective and its keys (may set the preview's sampler)
         return self
 
     def to_dict(self) -> dict:
@@ -328,6 +357,30 @@ def data_options(cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------ the model spec
+def latent_data(cfg: TrainConfig, source) -> dict:
+    """spec.data of a model trained on a latents folder (data/latents.py): the latent shape, the
+    autoencoder's describe() (sampling decodes with it), and the image data it was encoded from
+    (what evaluation scores decoded samples against)."""
+    image_data, image_options = source.reference
+    return {"kind": "latent", "shape": list(source.shape), "range": None, "levels": None,
+            "autoencoder": dict(source.autoencoder), "image_shape": list(source.image_shape),
+            "image_range": [-1.0, 1.0], "source": image_data, "options": dict(image_options),
+            "latents": str(Path(cfg.data).expanduser().resolve())}
+
+
+def latent_network_args(preset: str, shape) -> dict:
+    """A denoiser preset fitted to latents of `shape` (c, h, w): in_channels = c (UNet, DiT) and
+    input_size = h (DiT's fixed patch grid); explicit --network.X arguments still win."""
+    import inspect
+
+    from . import networks
+    if preset not in networks.PRESETS:
+        return {}
+    takes = inspect.signature(networks.PRESETS[preset][0].__init__).parameters
+    fitted = {"in_channels": int(shape[0]), "input_size": int(shape[-1])} if len(shape) == 3 else {}
+    return {k: v for k, v in fitted.items() if k in takes}
+
+
 def model_spec(cfg: TrainConfig, source):
     """The ModelSpec a config trains on this data source."""
     from . import networks
@@ -337,12 +390,20 @@ def model_spec(cfg: TrainConfig, source):
     data = {"kind": "pixel", "shape": list(source.shape), "range": data_range, "levels": levels(source),
             "source": str(cfg.data), "options": data_options(cfg)}
     made = {}  # how the model was made, beyond the config: couplings, initial weights
-    if getattr(source, "reference", None) and source.reference[0]:  # couplings: scored against the teacher's data
+    if getattr(source, "kind", None) == "latent" and getattr(source, "autoencoder", None):  # `unifusion encode`
+        data = latent_data(cfg, source)
+    elif getattr(source, "reference", None) and source.reference[0]:  # couplings: scored against the teacher's data
         data["source"], data["options"] = source.reference[0], dict(source.reference[1])
         made["couplings"] = {"folder": str(cfg.data), "teacher": source.index.get("teacher"),
                              "sampler": source.index.get("sampler")}
     if cfg.init_from:
         made["init_from"] = str(cfg.init_from)
+    if made:  # couplings, teachers and initial weights come from a model of this data's shape
+        from .models.fewstep import check_made_from
+        check_made_from(cfg, source)
+    if cfg.family == "autoencoder":  # an encoder/decoder (+ discriminator); no process, no noise levels
+        from .models.autoencoder import autoencoder_spec
+        return autoencoder_spec(cfg, source, data, made)
     if cfg.family in flows.COUPLING_FAMILIES:  # an invertible network; no process, no noise levels
         arch = flows.COUPLING_FAMILIES[cfg.family].architecture
         return ModelSpec(family=cfg.family, network=networks.describe_flow(arch, source.shape, **cfg.network_args),
@@ -351,6 +412,8 @@ def model_spec(cfg: TrainConfig, source):
                          ).validate()
     process = processes.get(cfg.process, **cfg.process_args)
     net_args = dict(cfg.network_args)
+    if data["kind"] == "latent":  # the autoencoder decides the channels: the preset follows them
+        net_args = {**latent_network_args(cfg.network, source.shape), **net_args}
     if cfg.grad_checkpointing:
         net_args["gradient_checkpointing"] = True
     param_kwargs = {"sigma_data": cfg.sigma_data} if cfg.parametrization == "edm" else {}
@@ -374,10 +437,14 @@ def model_spec(cfg: TrainConfig, source):
         training = {"dequantization": cfg.dequantization, "ode_tol": cfg.ode_tol, "ode_steps": cfg.ode_steps}
     if made:
         training["made_from"] = made
-    return ModelSpec(
+    spec = ModelSpec(
         family=cfg.family, network=networks.describe(cfg.network, **net_args),
         process={"name": cfg.process, "kwargs": process.kwargs()},
         parametrization={"name": cfg.parametrization, "kwargs": param_kwargs},
         sigma_min=float(sigma_min), sigma_max=float(sigma_max), grid=grid, conditioning=conditioning,
         data=data, training=training,
     ).validate()
+    if cfg.objective != "denoise":  # a few-step student of this denoiser: its family, grid and recipe
+        from .models.fewstep import student_spec
+        return student_spec(cfg, source, spec)
+    return spec

@@ -65,8 +65,10 @@ def parser() -> argparse.ArgumentParser:
                                               "--seeds 0-63 --out s.npz --grid s.png")
     sm.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint folder "
                                                         "or a model folder (spec.json + weights)")
-    sm.add_argument("--sampler", default="dpmpp_2m", help="sampler name (list below)")
-    sm.add_argument("--nfe", type=int, default=20, help="denoiser-call budget")
+    sm.add_argument("--sampler", default=None, help="sampler name (list below; default: the model's own: dpmpp_2m, "
+                                                    "or a few-step student's, e.g. euler or consistency)")
+    sm.add_argument("--nfe", type=int, default=None, help="denoiser-call budget (default: the model's own: 20, or a "
+                                                          "few-step student's K)")
     sm.add_argument("--n", type=int, default=None, help="how many samples (default: one per seed)")
     sm.add_argument("--seeds", default=None, help="e.g. 0-63 or 1,5,9 (default 0..n-1)")
     sm.add_argument("--out", required=True, help="output .npz: x (N, C, H, W) in [-1, 1], and y when conditional")
@@ -151,6 +153,41 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--shard-size", type=int, default=5000, help="couplings per shard")
     cp.add_argument("--batch-size", type=int, default=500, help="samples per batch")
     cp.add_argument("--no-ema", action="store_true", help="use the teacher's raw weights instead of its EMA")
+    en = sub.add_parser("encode", help="encode images into autoencoder latents on disk (shards + index), to train "
+                                       "diffusion in latent space", formatter_class=fmt,
+                        description="Run every image of --data (in order) through the autoencoder and store the "
+                                    "normalised posterior mean and std, labels and captions in safetensors shards "
+                                    "plus index.json. An interrupted run resumes at the first missing shard; "
+                                    "rerunning on a complete folder does nothing.",
+                        epilog="examples:\n"
+                               "  unifusion encode --autoencoder runs/ae --data shapes-32-train --out runs/latents\n"
+                               "  unifusion encode --autoencoder sd-vae/ --data photos/ --image-size 64 --out lat\n"
+                               "  unifusion train --data runs/latents --out runs/ldm\n"
+                               "  unifusion sample --checkpoint runs/ldm --n 64 --out s.npz --grid s.png  # images")
+    en.add_argument("--autoencoder", required=True, help="a unifusion autoencoder (run, checkpoint or model folder) "
+                                                         "or a diffusers AutoencoderKL folder")
+    en.add_argument("--data", required=True, help="the images: a dataset name, an image folder, tar shards or .npz")
+    en.add_argument("--out", required=True, help="output folder (shards + index.json)")
+    en.add_argument("--batch-size", type=int, default=64, help="images per autoencoder call")
+    en.add_argument("--per-shard", type=int, default=4096, help="latents per shard")
+    en.add_argument("--n", type=int, default=None, help="encode the first N images (default: all)")
+    en.add_argument("--image-size", type=int, default=0, help="image folders and tar shards: resize + center-crop "
+                                                              "to this size (0 = keep)")
+    en.add_argument("--channels", type=int, default=0, help="image folders and tar shards: 1 or 3 (0 = infer)")
+    ae = sub.add_parser("autoencoder", help="train a KL autoencoder for latent diffusion; measure its latent "
+                                            "statistics", formatter_class=fmt,
+                        description="train: the training loop with --family autoencoder (defaults: --data shapes-32 "
+                                    "--network ae-f4 --out runs/ae), then the latent statistics written into "
+                                    "<out>/model. stats: measure them again, or for a checkpoint.",
+                        epilog="examples:\n"
+                               "  unifusion autoencoder train --steps 800 --out runs/ae\n"
+                               "  unifusion autoencoder train --network ae-f8 --disc-weight 0.1 --disc-start 400\n"
+                               "  unifusion autoencoder stats --checkpoint runs/ae --n 4096\n"
+                               "  unifusion eval --checkpoint runs/ae          # PSNR, SSIM, rFID\n"
+                               "  unifusion autoencoder train --help           # every key")
+    ae.add_argument("what", choices=["train", "stats"], help="train | stats")
+    ae.add_argument("rest", nargs=argparse.REMAINDER, help="train: [CONFIG.yaml] [--key value ...]; stats: "
+                                                           "--checkpoint RUN [--n N] [--out DIR]")
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench.add_argument("what", choices=["samplers"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -162,7 +199,7 @@ def _main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra and args.command != "train":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("sample", "eval", "calibrate", "couple"):
+    if args.command in ("sample", "eval", "calibrate", "couple", "encode"):
         from ..training.distributed import set_threads
         set_threads()  # the CPU thread policy of training applies to sampling too
     if args.command == "demo":
@@ -186,9 +223,15 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.command == "couple":
         from .couple import run_couple
         run_couple(args)
+    elif args.command == "encode":
+        from .encode import run_encode
+        run_encode(args)
     elif args.command == "ema":
         from .ema import run_ema
         run_ema(args)
+    elif args.command == "autoencoder":
+        from .autoencoder import run_autoencoder
+        return run_autoencoder(args.what, args.rest)
     elif args.command == "bench":
         from ..evaluation.sampler_bench import main as bench_main
         return bench_main(args.rest) or 0

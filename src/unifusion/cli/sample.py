@@ -49,8 +49,10 @@ def run_sample(args) -> dict:
         if not 0 <= args.label < k:
             raise ValueError(f"--label must be in 0..{k - 1}")
     cond = {"y": torch.full((len(seeds),), args.label)} if args.label is not None else None
+    own = model.spec.sampling_defaults()  # unless named: the model's own sampler and NFE (a few-step student's)
     with torch.no_grad():
-        x, cond = model.sample(seeds=seeds, sampler=args.sampler, nfe=args.nfe, cond=cond, cfg=args.cfg,
+        x, cond = model.sample(seeds=seeds, sampler=args.sampler or own[0],
+                               nfe=args.nfe if args.nfe is not None else own[1], cond=cond, cfg=args.cfg,
                                grid=args.noise_grid, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                                batch_size=args.batch_size, progress=True, return_cond=True,
                                temperature=args.temperature)

@@ -1,5 +1,5 @@
-"""Data sources: 2-D toys, sklearn's digits, image folders and WebDataset tar shards (both
-streamed from disk), .npz arrays.
+"""Data sources: 2-D toys, sklearn's digits, the procedural RGB `shapes` (drawn on demand), image
+folders and WebDataset tar shards (both streamed from disk), .npz arrays.
 
 `load(spec, **options)` is the one entry point the CLI and configs use; `StepBatches` turns a
 source into the training order's batches. Nothing here adds noise (a source may carry a fixed
@@ -29,29 +29,33 @@ Sources here: `ArrayDataset` (in memory; `.x`, `.y`, `.noise` are its tensors) f
 .npz files and `image_folder()`; `ImageFolderSource` (streaming) for `load(<folder>)`;
 `TarShardSource` (streaming, map-style over indexed WebDataset shards, see `data.tar`) for
 `load(<shard.tar | pattern | folder of shards>)`, and `write_shards` to make such shards;
-`CouplingSource` (memory-mapped, see `data.couplings`) for a folder written by `unifusion couple`.
+`CouplingSource` (memory-mapped, see `data.couplings`) for a folder written by `unifusion couple`;
+`LatentSource` (memory-mapped autoencoder latents, see `data.latents`) for a folder written by
+`unifusion encode`.
 """
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
 
-from . import couplings, images, toys
+from . import couplings, images, latents, shapes, toys
 from .folder import ImageFolderSource
 from .images import check_images, digits, image_folder, save_grid, write_image_folder
 from .npz import npz_arrays
 from .order import StepBatches, StepOrder
+from .shapes import ShapesSource
 from .tar import TarShardSource, write_shards
 from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate, levels
 
 __all__ = ["ArrayDataset", "ImageFolderSource", "TarShardSource", "StepBatches", "StepOrder", "KINDS", "load",
            "names", "toys", "levels", "digits", "image_folder", "npz_arrays", "write_image_folder", "write_shards",
-           "save_grid", "check_values", "check_finite", "check_images", "check_batch", "collate", "images"]
+           "save_grid", "check_values", "check_finite", "check_images", "check_batch", "collate", "images", "shapes",
+           "ShapesSource"]
 
 
 def names() -> list[str]:
     """The named datasets `load` accepts (besides paths to image folders and .npz files)."""
-    return toys.names() + ["digits", "digits-train", "digits-test"]
+    return toys.names() + ["digits", "digits-train", "digits-test"] + shapes.names()
 
 
 def _toy(name: str, n: int = 10_000, seed: int = 0) -> ArrayDataset:
@@ -82,11 +86,14 @@ def load(spec: str, **options):
 
     spec: a toy name ("gmm", "moons", "checkerboard", "swissroll", "rings"; options n=10000,
     seed=0), "digits" (option split="all" | "train" | "test"; "digits-train" and "digits-test"
-    name the splits), WebDataset tar shards (a streaming `TarShardSource`): a path ending in
-    .tar, a brace pattern naming .tar files ("shards/train-{000000..000009}.tar"), or a directory
-    holding *.tar files and no images; a directory of images (a streaming `ImageFolderSource`);
+    name the splits), "shapes" (procedural RGB objects, `data.shapes`: shapes-32 / shapes-64,
+    -train / -test, an optional count suffix ":N", e.g. shapes-32-train:200000; option seed=0),
+    WebDataset tar shards (a streaming `TarShardSource`): a path ending in .tar, a brace
+    pattern naming .tar files ("shards/train-{000000..000009}.tar"), or a directory holding
+    *.tar files and no images; a directory of images (a streaming `ImageFolderSource`);
     both take options image_size, channels, skip_corrupt, probe; a folder of noise-data couplings
-    written by `unifusion couple` (a `CouplingSource`, items with "noise"); or an existing .npz file
+    written by `unifusion couple` (a `CouplingSource`, items with "noise"); a folder of autoencoder
+    latents written by `unifusion encode` (a `LatentSource`, kind "latent"); or an existing .npz file
     (an `ArrayDataset`; options key, label_key, float_range). Names win over paths; write "./digits"
     to load a folder called digits.
     """
@@ -97,7 +104,11 @@ def load(spec: str, **options):
         return _call(digits, spec, options)
     if spec in ("digits-train", "digits-test"):
         return _call(digits, spec, options, spec.split("-")[1])
+    if shapes.parse(spec) is not None:
+        return _call(shapes.load, spec, options, spec)
     p = Path(spec).expanduser()
+    if latents.is_latents(p):
+        return _call(latents.LatentSource, spec, options, p)
     if couplings.is_couplings(p):
         return _call(couplings.CouplingSource, spec, options, p)
     if spec.lower().endswith(".tar") or ("{" in spec and ".tar" in spec.lower()) or _shard_folder(p):

@@ -4,9 +4,11 @@ Per setting (sampler, NFE, grid, CFG scale) it draws N samples with seeds 0..N-1
 noise for every setting, so rows differ only by the sampler) and reports
 
 - FID, KID and k-NN precision/recall against the model's training data, in a feature space:
-  the shipped digits CNN for 8x8 gray images, Inception-v3 when `--inception FILE` is given,
-  else the raw values (2-D toys);
-- class accuracy of the samples under the shipped digits classifier (conditional digits models);
+  the shipped digits CNN for 8x8 gray images, the shipped shapes CNN for the procedural `shapes`
+  data, Inception-v3 when `--inception FILE` is given, else the raw values (2-D toys);
+- class accuracy of the samples under the shipped digits classifier (conditional digits models),
+  or, for conditional shapes models, the fraction whose main object the shapes classifier reads
+  as the conditioned shape and colour;
 - copy rate: the fraction of samples that are near-copies of a training image (pixel space);
 - wall-clock sampling time.
 
@@ -15,7 +17,9 @@ of samples: a reference point from real unseen data (at its own, often smaller, 
 FID is biased upwards relative to the rows). `--nll N` adds the bits/dim of N held-out images
 (uniform dequantization; see `nll`): through the PF-ODE with Hutchinson's divergence for the
 denoiser families (diffusion, flow matching, cnf), exactly for the coupling flows. A coupling
-flow samples in one inverse pass: its table has one row (sampler "inverse", NFE 1).
+flow samples in one inverse pass: its table has one row (sampler "inverse", NFE 1). An
+autoencoder samples nothing: it gets PSNR, SSIM and rFID of its reconstructions of held-out
+images instead (evaluation/reconstruction.py).
 
 Reference features and statistics are cached as .npz next to the outputs.
 """
@@ -58,10 +62,13 @@ class RawFeatures:
         return torch.as_tensor(x).flatten(1).float()
 
 
-def feature_extractor(shape: tuple, inception: str | None = None):
-    """Inception-v3 from a user file, the shipped digits CNN for (1, 8, 8) images, else raw values."""
+def feature_extractor(shape: tuple, inception: str | None = None, data_spec: str | None = None):
+    """Inception-v3 from a user file, the shipped digits CNN for (1, 8, 8) images, the shipped
+    shapes CNN for the `shapes` data (named by data_spec), else raw values."""
     if inception:
         return fx.InceptionV3Features.from_file(inception)
+    if data_spec is not None and is_shapes(data_spec):
+        return fx.shapes_features()
     if tuple(shape) == (1, 8, 8):
         return fx.digits_features()
     if len(shape) == 3 and math.prod(shape) > 64:
@@ -70,11 +77,23 @@ def feature_extractor(shape: tuple, inception: str | None = None):
     return RawFeatures(math.prod(shape))
 
 
-def held_out_spec(data_spec: str) -> tuple[str, dict] | None:
+def is_shapes(data_spec: str) -> bool:
+    """Whether `data_spec` names the procedural shapes data (see data.shapes)."""
+    from ..data import shapes
+    return shapes.parse(str(data_spec)) is not None
+
+
+SHAPES_HELD_OUT = 2000  # held-out shapes images scored as the real-data row
+
+
+def held_out_spec(data_spec: str, data_options: dict | None = None) -> tuple[str, dict] | None:
     """The dataset (spec, options) a model trained on `data_spec` has not seen, if there is one."""
-    from ..data import toys
+    from ..data import shapes, toys
     if data_spec == "digits-train":
         return "digits-test", {}
+    p = shapes.parse(data_spec)
+    if p is not None and p["split"] == "train":  # the test split: a disjoint index range
+        return f"shapes-{p['resolution']}-test:{SHAPES_HELD_OUT}", dict(data_options or {})
     if data_spec in toys.TOYS:  # toys are sampled: another seed is fresh data
         return data_spec, {"n": 2000, "seed": 1_000_003}
     return None
@@ -89,6 +108,7 @@ class Reference:
     extractor: object
     stats_path: Path
     digits: bool = False             # the data is sklearn's digits: class accuracy is meaningful
+    shapes: bool = False             # the data is the procedural shapes: shape-and-colour accuracy
 
 
 def _fingerprint(x: torch.Tensor) -> str:
@@ -96,6 +116,7 @@ def _fingerprint(x: torch.Tensor) -> str:
 
 
 REFERENCE_LIMIT = 50_000  # examples of a streamed source decoded for the reference statistics
+SHAPES_REFERENCE_LIMIT = 10_000  # drawn shapes images for the statistics (the data set is unbounded)
 
 
 def in_memory(source, limit: int = REFERENCE_LIMIT) -> datasets.ArrayDataset:
@@ -109,8 +130,9 @@ def in_memory(source, limit: int = REFERENCE_LIMIT) -> datasets.ArrayDataset:
 def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) -> Reference:
     """Training data, its features and statistics; features and statistics are read from
     `cache_dir` when a cache written for the same data (by content hash) and extractor exists."""
-    train = in_memory(datasets.load(data_spec, **data_options))
-    held = held_out_spec(data_spec)
+    shapes = is_shapes(data_spec)
+    train = in_memory(datasets.load(data_spec, **data_options), SHAPES_REFERENCE_LIMIT if shapes else REFERENCE_LIMIT)
+    held = held_out_spec(data_spec, data_options)
     held_out = in_memory(datasets.load(held[0], **held[1])) if held else None
     meta = {"data": data_spec, "n": len(train), "features": extractor.name, "sha1": _fingerprint(train.x)}
     stem = f"ref-{Path(data_spec).name or 'data'}-{extractor.name}"
@@ -127,7 +149,7 @@ def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) ->
             np.savez(tmp, feats=feats.astype(np.float32), meta=np.array(json.dumps(meta, sort_keys=True)))
         metrics.cache_stats(stats_path, feats, meta)
     return Reference(train, feats, metrics.load_stats(stats_path), held_out, extractor, stats_path,
-                     digits=data_spec.startswith("digits"))
+                     digits=data_spec.startswith("digits"), shapes=shapes)
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -142,7 +164,7 @@ class Row:
     kid: float
     precision: float
     recall: float
-    accuracy: float | None  # conditional digits only
+    accuracy: float | None  # conditional digits and shapes only
     copy_rate: float
     seconds: float          # wall-clock time to draw the n samples (0 for real data)
 
@@ -156,6 +178,8 @@ def score(x: torch.Tensor, y: torch.Tensor | None, ref: Reference, label: dict) 
     acc = None
     if y is not None and ref.digits and isinstance(ref.extractor, fx.DigitsFeatures):
         acc = fx.digits_accuracy(x, y, ref.extractor)
+    elif y is not None and ref.shapes and isinstance(ref.extractor, fx.ShapesFeatures):
+        acc = fx.shapes_accuracy(x, y, ref.extractor)
     return Row(n=len(x), fid=metrics.frechet_distance(mu, cov, ref.stats.mu, ref.stats.cov), kid=k.mean,
                precision=pr.precision, recall=pr.recall, accuracy=acc,
                copy_rate=metrics.copy_rate(x, ref.train.x).rate, **label)
@@ -381,8 +405,10 @@ def _items(text: str, what: str, cast=float) -> list:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler of the single evaluation")
-    p.add_argument("--nfe", type=int, default=20, help="denoiser-call budget of the single evaluation")
+    p.add_argument("--sampler", default=None, help="sampler of the single evaluation (default: the model's own: "
+                                                   "dpmpp_2m, or a few-step student's, e.g. euler or consistency)")
+    p.add_argument("--nfe", type=int, default=None, help="denoiser-call budget of the single evaluation (default: the "
+                                                         "model's own: 20, or a few-step student's K)")
     p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned,calibrated (default: the "
                                                 "model's own, usually native; calibrated: from `unifusion calibrate`)")
     p.add_argument("--sigma-min", type=float, default=None, help="lowest noise level (default: the model's own)")
@@ -425,6 +451,9 @@ def run(args) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
+    if model.spec.family == "autoencoder":  # nothing to sample: PSNR, SSIM and rFID of reconstructions
+        from .reconstruction import run_reconstruction
+        return run_reconstruction(args, model)
     spec, nc = model.spec, model.spec.num_classes
     out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
     scales = _items(args.cfg_scales, "--cfg-scales")
@@ -434,8 +463,9 @@ def run(args) -> dict:
         names, nfes, grid_names = [ONE_PASS], [1], ["-"]
     elif args.sweep:
         names, nfes = _items(args.samplers, "--samplers", str), _items(args.nfes, "--nfes", int)
-    else:
-        names, nfes = [args.sampler], [args.nfe]
+    else:  # the model's own sampler and NFE unless named (a few-step student's, else dpmpp_2m at 20)
+        own = spec.sampling_defaults()
+        names, nfes = [args.sampler or own[0]], [args.nfe if args.nfe is not None else own[1]]
     if not model.one_pass:
         grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
         valid_grids = sorted(samplers.grids.GRIDS) + ["native", "calibrated"]
@@ -452,7 +482,12 @@ def run(args) -> dict:
         raise ValueError("the model's spec does not name its training data (spec.data.source), so there is "
                          "nothing to score against")
     out.mkdir(parents=True, exist_ok=True)
-    ref = reference(source, spec.data.get("options", {}), feature_extractor(spec.shape, args.inception), out)
+    if args.nll and spec.data.get("kind") == "latent":
+        raise ValueError("--nll of a latent model would be the density of its latents, not of images (the "
+                         "decoder has no tractable likelihood); evaluate it without --nll")
+    # a latent model's samples are decoded images: scored like images against its image data
+    shape = tuple(spec.data["image_shape"]) if spec.data.get("kind") == "latent" else spec.shape
+    ref = reference(source, spec.data.get("options", {}), feature_extractor(shape, args.inception, source), out)
     where = model.info.get("where")
     step = model.info.get("step")
     note = ("" if ref.digits or not isinstance(ref.extractor, fx.DigitsFeatures) else

@@ -3,6 +3,9 @@
 
   * `digits_features()`: the penultimate layer of a small CNN trained on the 8x8 digits
     (weights shipped with the package, trained by benchmarks/train_digits_classifier.py).
+  * `shapes_features()`: the penultimate layer of a small CNN trained on the procedural RGB
+    `shapes` (32x32 and 64x64; benchmarks/train_shapes_classifier.py), whose heads also give the
+    main object's shape / colour / size and the object count (`shapes_predict`, `shapes_accuracy`).
   * `InceptionV3Features.from_file(path)`: Inception-v3 pool3 (2048-d), the FID convention,
     with weights the user supplies as safetensors (nothing is downloaded).
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 DIGITS_WEIGHTS = Path(__file__).with_name("digits_classifier.safetensors")
+SHAPES_WEIGHTS = Path(__file__).with_name("shapes_classifier.safetensors")
 
 
 @runtime_checkable
@@ -133,6 +137,119 @@ def digits_accuracy(x: Tensor, y: Tensor, extractor: DigitsFeatures | None = Non
     if y.shape != (len(x),):
         raise ValueError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
     pred = torch.cat([ex.logits(x[s:s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)])
+    return float((pred == y.to(pred.device)).double().mean())
+
+
+# ------------------------------------------------------------------------------- shapes
+SHAPES_HEADS = {"shape": 3, "colour": 8, "size": 2, "count": 3, "class": 24}  # of the main object; count 1..3
+
+
+class ShapesClassifier(nn.Module):
+    """Small CNN for the procedural `shapes` images (3, H, W): heads for the main object's
+    shape, colour, size, the object count and the class (shape x colour); the 128-d penultimate
+    activations are the features.
+
+    Images are first box-resampled to 32x32 (a 64x64 shapes image becomes, up to rounding, its
+    32x32 rendering), because size is relative to the image: a conv net with global pooling sees
+    pixels, and trained on both resolutions it confused a small object at 64 with a large one at
+    32 (size 64% and count 61% right at 64x64). FID on shapes-64 is thus measured at 32x32, as
+    Inception measures every resolution at 299x299. `body` is fully convolutional, so the
+    perceptual distance runs it at the native resolution."""
+
+    feature_dim = 128
+    input_size = 32
+
+    def __init__(self, dropout: float = 0.2):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),      # (N, 32, H, W)
+            nn.MaxPool2d(2),                                                    # (N, 32, H/2, W/2)
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),     # (N, 64, H/2, W/2)
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),     # (N, 64, H/2, W/2)
+            nn.MaxPool2d(2),                                                    # (N, 64, H/4, W/4)
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),   # (N, 128, H/4, W/4)
+            nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),  # (N, 128, H/4, W/4)
+        )
+        self.project = nn.Sequential(nn.Linear(256, self.feature_dim), nn.ReLU())  # [avg, max] pool -> features
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({k: nn.Linear(self.feature_dim, n) for k, n in SHAPES_HEADS.items()})
+
+    def features(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, 128); inputs are clamped to [-1, 1] first, as samples
+        are before they are written out."""
+        _check_images(x, 3, "ShapesClassifier")
+        if min(x.shape[-2:]) < 16:
+            raise ValueError(f"ShapesClassifier expects images of at least 16x16, got {tuple(x.shape[-2:])}")
+        x = x.float().clamp(-1, 1)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+        h = self.body(x)
+        return self.project(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+    def logits(self, x: Tensor) -> dict[str, Tensor]:
+        """(N, 3, H, W) -> {head: (N, classes)} for the heads in SHAPES_HEADS."""
+        f = self.dropout(self.features(x))
+        return {k: head(f) for k, head in self.heads.items()}
+
+    forward = logits
+
+
+class ShapesFeatures:
+    """A FeatureExtractor around a trained ShapesClassifier (eval mode, no gradients)."""
+
+    name = "shapes-cnn"
+    dim = ShapesClassifier.feature_dim
+
+    def __init__(self, classifier: ShapesClassifier, metadata: dict | None = None):
+        self.classifier = classifier.eval()
+        self.metadata = metadata or {}
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.classifier.features(torch.as_tensor(x))
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> dict[str, Tensor]:
+        return self.classifier.logits(torch.as_tensor(x))
+
+
+def load_shapes_classifier(path=SHAPES_WEIGHTS) -> tuple[ShapesClassifier, dict]:
+    """The shipped (or a given) shapes classifier in eval mode, and its training metadata."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no shapes classifier at {path}; train it with "
+                                f"`python benchmarks/train_shapes_classifier.py`")
+    state, meta = _load_safetensors(path)
+    net = ShapesClassifier()
+    net.load_state_dict(state, strict=True)
+    return net.eval(), json.loads(meta.get("unifusion", "{}"))
+
+
+def shapes_features(path=SHAPES_WEIGHTS) -> ShapesFeatures:
+    """The 128-d shapes feature extractor with the shipped weights."""
+    net, info = load_shapes_classifier(path)
+    return ShapesFeatures(net, info)
+
+
+@torch.no_grad()
+def shapes_predict(x: Tensor, extractor: ShapesFeatures | None = None, batch_size: int = 512) -> dict[str, Tensor]:
+    """The classifier's predicted label per head (argmax; "count" as 1..3) of images x (N, 3, H, W)."""
+    ex = extractor or shapes_features()
+    x = torch.as_tensor(x)
+    parts = [{k: v.argmax(1) for k, v in ex.logits(x[s:s + batch_size]).items()} for s in range(0, len(x), batch_size)]
+    out = {k: torch.cat([p[k] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64) for k in SHAPES_HEADS}
+    out["count"] = out["count"] + 1
+    return out
+
+
+def shapes_accuracy(x: Tensor, y: Tensor, extractor: ShapesFeatures | None = None, batch_size: int = 512) -> float:
+    """Fraction of images x (N, 3, H, W) whose predicted main-object shape AND colour equal the
+    class y (N,) (= shape * 8 + colour): the class-conditional accuracy of samples."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if y.shape != (len(x),):
+        raise ValueError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
+    p = shapes_predict(x, extractor, batch_size)
+    n_colours = SHAPES_HEADS["colour"]
+    pred = p["shape"] * n_colours + p["colour"]
     return float((pred == y.to(pred.device)).double().mean())
 
 

@@ -79,7 +79,8 @@ class DiffusionModel(Model):
                nfe: int | None = None, steps: int | None = None, cond: dict | None = None, cfg: float = 1.0,
                grid=None, sigma_min: float | None = None, sigma_max: float | None = None,
                batch_size: int = 256, generator_seed: int = 0, progress: bool = False,
-               return_cond: bool = False, grid_options: dict | None = None, temperature: float = 1.0, **options):
+               return_cond: bool = False, grid_options: dict | None = None, temperature: float = 1.0,
+               decode: bool = True, **options):
         """Samples in data space, one per seed (default seeds 0..n-1).
 
         The starting noise of sample i is unit noise from its own generator seeded with seeds[i]
@@ -88,7 +89,8 @@ class DiffusionModel(Model):
         (the process's own). cond defaults to the conditioning's default (class: seed % K);
         cfg is the classifier-free guidance scale (1: conditional, 0: unconditional); temperature
         scales the starting noise (1: the model's own distribution).
-        With return_cond=True returns (x, cond).
+        With return_cond=True returns (x, cond). decode=False returns a latent model's latents
+        (normalised, undecoded; e.g. for couplings in latent space) instead of images.
         """
         seeds = self._seeds(n, seeds, noise)
         if not temperature > 0:
@@ -123,14 +125,14 @@ class DiffusionModel(Model):
             x = S.sample(den, z, sampler, nfe=nfe, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
                          grid=grid, generator=gen, cond=c, process=self.process, grid_options=grid_options,
                          progress=progress and len(chunks) == 1, **options)  # one batch: a bar over its calls
-            outs.append(self.decode(x).cpu())
+            outs.append((self.decode(x) if decode or self.spec.data.get("kind") != "latent" else x).cpu())
         x = torch.cat(outs)
         return (x, cond) if return_cond else x
 
     def decode(self, x: Tensor) -> Tensor:
-        """Sigma-domain samples -> data space (pixel data: clipped to its range)."""
-        bounds = self.spec.data.get("range")
-        return x if bounds is None else x.clamp(*bounds)
+        """Sigma-domain samples -> data space (pixel data: clipped to its range; latent data:
+        decoded to images by the spec's autoencoder)."""
+        return decode_samples(self, x)
 
     @staticmethod
     def _seeds(n, seeds, noise) -> list[int]:
@@ -164,3 +166,37 @@ class DiffusionModel(Model):
         lp, nfe = log_likelihood(den, x.double(), lo, min(hi, LIKELIHOOD_SIGMA_MAX), cond=cond,
                                  divergence=divergence, probes=probes, rtol=rtol, atol=atol, generator=generator)
         return (lp, nfe) if return_nfe else lp
+
+
+# ---------------------------------------------------------------------- data space
+def decode_samples(model, x: Tensor) -> Tensor:
+    """A model's samples in its data space: pixel data clipped to spec.data["range"] (when it has
+    one); latent data (spec.data["kind"] == "latent") denormalised and decoded by the recorded
+    autoencoder in fp32 without gradients, then clipped to spec.data["image_range"]."""
+    data = model.spec.data
+    if data.get("kind") != "latent":
+        bounds = data.get("range")
+        return x if bounds is None else x.clamp(*bounds)
+    ae = autoencoder_of(model).to(x.device)
+    with torch.no_grad():
+        images = ae.decode_raw(ae.denormalize(x.float())).float()
+    lo, hi = data.get("image_range") or (-1.0, 1.0)
+    return images.clamp(lo, hi)
+
+
+def autoencoder_of(model):
+    """The autoencoder a latent model decodes with: loaded from spec.data["autoencoder"]["path"] on
+    first use and checked against the recorded describe() (digest, channels, factor), then kept in
+    the instance's __dict__: not a submodule, so never in state_dict, the optimizer, the EMA or DDP."""
+    ae = model.__dict__.get("_autoencoder")
+    if ae is None:
+        from .autoencoder import check_autoencoder, load_autoencoder
+        recorded = model.spec.data["autoencoder"]
+        ae = load_autoencoder(recorded["path"], device=model.device)
+        if ae.latent_channels != model.spec.shape[0]:
+            raise ValueError(f"the autoencoder {recorded['path']} has {ae.latent_channels} latent channels but this "
+                             f"model was trained on {model.spec.shape[0]}-channel latents; restore the autoencoder "
+                             "it was trained with (or re-encode and retrain)")
+        check_autoencoder(ae, recorded)
+        model.__dict__["_autoencoder"] = ae
+    return ae

@@ -147,7 +147,7 @@ class CouplingFlowModel(Model):
         """Samples x = f^{-1}(T z), z ~ N(0, I) from each seed's own generator (or the rows of
         `noise`): one inverse pass, whatever `sampler` / `nfe` say (they are accepted so that
         code written for denoisers runs unchanged; nfe is always 1)."""
-        from .diffusion import DiffusionModel
+        from .diffusion import DiffusionModel, decode_samples
         seeds = DiffusionModel._seeds(n, seeds, noise)
         if cond or cfg != 1:
             raise ValueError(f"the {self.spec.family} family is unconditional: sample it without --label / --cfg")
@@ -162,8 +162,7 @@ class CouplingFlowModel(Model):
             z = z.reshape(len(chunk), dim).float()
             with torch.no_grad():
                 x = self.net.inverse(z.to(self.device) * temperature)
-            bounds = self.spec.data.get("range")
-            outs.append((x if bounds is None else x.clamp(*bounds)).cpu())
+            outs.append(decode_samples(self, x).cpu())  # pixel data: clipped; latent data: decoded
         x = torch.cat(outs)
         return (x, None) if return_cond else x
 

@@ -5,7 +5,8 @@ is read to load it (no preset names, no code paths in strings). The spec holds
 
     family          which Model class (models.FAMILIES): "diffusion" covers every process x parametrization;
                     "cnf" the same denoiser trained by maximum likelihood; "flow-nice", "flow-realnvp",
-                    "flow-glow" the coupling flows (models/flows.py: no process, parametrization, grid)
+                    "flow-glow" the coupling flows (models/flows.py: no process, parametrization, grid);
+                    "autoencoder" a KL autoencoder (models/autoencoder.py: no process, parametrization, grid)
     network         {"class": name in networks.NETWORKS, "kwargs": every constructor argument}
     process         {"name": name in processes.PROCESSES, "kwargs": its arguments}
     parametrization {"name": name in parametrizations.PARAMETRIZATIONS, "kwargs": ...}
@@ -14,10 +15,20 @@ is read to load it (no preset names, no code paths in strings). The spec holds
     conditioning    {"kind": "none"} | {"kind": "class", "num_classes", "drop", "class_names"}
     data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1], "levels": L | null}
                     (levels: discrete data on L levels, dequantized by the likelihood families)
-                    | {"kind": "latent", "autoencoder": path, "shift", "scale", "shape"}
+                    | {"kind": "latent", "shape": [c, h, w] (one latent), "range": null, "levels": null,
+                       "autoencoder": its describe() (path, digest, factor, latent_channels, shift, scale, ...),
+                       "image_shape": [C, H, W], "image_range": [-1, 1], "source": the image data,
+                       "options", "latents": the folder trained on}: sampling decodes with that autoencoder
     training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float}
+                    | autoencoder: {"kl_weight", "rec_loss", "perceptual_weight", "disc_weight", "disc_start",
+                      "passes_per_step", "discriminator": network description | null, "sigma_data",
+                      "latent": {"shift", "scale", "mean", "std": [c floats], "n", "sigma_data"} once measured}
     calibrated      {"<sampler>@<nfe>": calibration dict}: grids fitted to this model by `unifusion
                     calibrate --save-to-model`, the default grid for that (sampler, NFE)
+
+The "student" family (models/fewstep.py) adds training["objective"]: how it was made (distill,
+progressive, cd, ict; teacher, distance, N, ...) and its own "sampler" {"name", "nfe"}, the
+default of `sample_defaults`; its grid is "levels" or "consistency".
 """
 from __future__ import annotations
 
@@ -30,6 +41,25 @@ from pathlib import Path
 SPEC_VERSION = 1
 CONDITIONING_KINDS = ("none", "class")
 DATA_KINDS = ("pixel", "latent")
+
+
+def check_latent_data(data: dict) -> None:
+    """The fields of latent data: the autoencoder (digest, latent_channels, factor) and an image
+    shape that it maps to the latent shape."""
+    ae, shape, image = data.get("autoencoder"), list(data.get("shape") or []), data.get("image_shape")
+    if not (isinstance(ae, dict) and isinstance(ae.get("digest"), str) and ae.get("path")
+            and all(isinstance(ae.get(k), int) and ae[k] >= 1 for k in ("latent_channels", "factor"))):
+        raise ValueError("spec data kind 'latent' needs 'autoencoder': the autoencoder's describe() with path, "
+                         f"digest, latent_channels and factor, got {ae!r}")
+    if not (isinstance(image, list) and len(image) == 3 and all(isinstance(v, int) and v >= 1 for v in image)):
+        raise ValueError(f"spec data kind 'latent' needs 'image_shape' [C, H, W], got {image!r}")
+    f, c = ae["factor"], ae["latent_channels"]
+    if shape != [c, image[1] // f, image[2] // f] or image[1] % f or image[2] % f:
+        raise ValueError(f"spec data: latents of shape {shape} do not come from {image} images through an "
+                         f"autoencoder with {c} latent channels and factor {f}")
+
+
+DEFAULT_SAMPLING = ("dpmpp_2m", 20)  # what `unifusion sample` / `eval` use for a model that names none
 
 
 def calibration_key(sampler: str, nfe: int) -> str:
@@ -74,11 +104,10 @@ class ModelSpec:
             raise ValueError("spec conditioning 'class' needs num_classes >= 1")
         if self.data.get("kind") not in DATA_KINDS:
             raise ValueError(f"spec data kind {self.data.get('kind')!r} is unknown; choose one of {list(DATA_KINDS)}")
-        if self.data["kind"] == "latent":
-            raise ValueError("spec data kind 'latent' (diffusion in an autoencoder's latent space) is not "
-                             "supported by this version: train on pixels")
         if not self.data.get("shape"):
             raise ValueError("spec data needs the shape of one example, e.g. [1, 8, 8]")
+        if self.data["kind"] == "latent":
+            check_latent_data(self.data)
         levels = self.data.get("levels")
         if levels is not None and not (isinstance(levels, int) and levels >= 2):
             raise ValueError(f"spec data levels must be an integer >= 2 (or null for continuous data), got {levels!r}")
@@ -103,6 +132,12 @@ class ModelSpec:
             c = Calibration.from_dict(cal, where=f"spec calibrated[{key!r}]")
             if key != calibration_key(c.sampler, c.nfe):
                 raise ValueError(f"spec calibrated[{key!r}] holds a grid for {c.sampler} at NFE {c.nfe}")
+
+    def sampling_defaults(self) -> tuple[str, int]:
+        """(sampler, NFE) used when none is named: a few-step student's own (recorded in
+        training["objective"]["sampler"], e.g. euler at K), else DEFAULT_SAMPLING."""
+        own = (self.training or {}).get("objective", {}).get("sampler")
+        return (own["name"], int(own["nfe"])) if own else DEFAULT_SAMPLING
 
     def calibration(self, sampler: str, nfe: int | None):
         """The calibrated grid stored for (sampler, nfe), or None."""

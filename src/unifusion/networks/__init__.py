@@ -18,6 +18,7 @@ import inspect
 
 from torch import nn
 
+from .autoencoder import AUTOENCODER_NETWORKS, DISCRIMINATORS, KLAutoencoder
 from .dit import DiT
 from .invertible import FLOW_NETWORKS
 from .mlp import MLP
@@ -48,9 +49,21 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
     "dit-l2": (DiT, dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=24, num_heads=16)),
 }
 
+# KL autoencoders (networks/autoencoder.py) for the autoencoder family, small enough to train at 32x32 on 2
+# CPU cores in minutes: f = 4 (32x32x3 -> 8x8x4, 0.95M params) and f = 8 (-> 4x4x4, 1.25M); image_channels
+# follows the data. Kept apart from the denoiser PRESETS (they take no c_noise); describe() reads both.
+AUTOENCODER_PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
+    "ae-f4": (KLAutoencoder, dict(image_channels=3, base_channels=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                  latent_channels=4, mid_attention=True)),
+    "ae-f8": (KLAutoencoder, dict(image_channels=3, base_channels=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+                                  latent_channels=4, mid_attention=True)),
+}
 
-# denoisers, and the invertible networks of the coupling-flow families (forward(x) -> (z, logdet))
-NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT, **FLOW_NETWORKS}
+
+# denoisers, the invertible networks of the coupling-flow families (forward(x) -> (z, logdet)), and the
+# autoencoder family's encoder/decoder and discriminator (networks/autoencoder.py)
+NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT, **FLOW_NETWORKS,
+                                        **AUTOENCODER_NETWORKS, **DISCRIMINATORS}
 
 
 def _signature_defaults(cls) -> dict:
@@ -73,9 +86,10 @@ def describe_flow(cls_name: str, shape, **overrides) -> dict:
 def describe(preset: str, **overrides) -> dict:
     """{"class", "kwargs"}: the preset's class and every constructor argument (the preset's
     values, then `overrides`, the rest at the class defaults)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown network preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    cls, kwargs = PRESETS[preset]
+    every = {**PRESETS, **AUTOENCODER_PRESETS}
+    if preset not in every:
+        raise ValueError(f"unknown network preset {preset!r}; valid presets: {', '.join(sorted(every))}")
+    cls, kwargs = every[preset]
     name = next(k for k, c in NETWORKS.items() if c is cls)
     return check_description({"class": name, "kwargs": {**_signature_defaults(cls), **kwargs, **overrides}})
 
@@ -117,5 +131,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["MLP", "UNet", "DiT", "PRESETS", "NETWORKS", "build", "describe", "from_description",
+__all__ = ["MLP", "UNet", "DiT", "KLAutoencoder", "PRESETS", "AUTOENCODER_PRESETS", "NETWORKS", "build", "describe", "from_description",
            "check_description", "count_parameters"]

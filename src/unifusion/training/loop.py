@@ -372,7 +372,8 @@ def _save(out, step, model, ema, opt, cfg, bad, dist, posthoc=None):
 
 
 def _preview(out, step, model, ema, cfg, source):
-    """A grid from the EMA weights on fixed seeds (one row per class when conditional)."""
+    """A grid from the EMA weights on fixed seeds (one row per class when conditional; an
+    autoencoder's: the first training images above their reconstructions)."""
     k = model.spec.num_classes
     image = len(model.spec.shape) == 3
     n = 8 * max(1, min(k, 10)) if image else 1000
@@ -380,7 +381,10 @@ def _preview(out, step, model, ema, cfg, source):
     cond = {"y": torch.tensor([min(i // 8, k - 1) for i in range(n)])} if k else None
     with ema.swapped(model), torch.no_grad():
         model.eval()
-        x = model.sample(seeds=seeds, sampler=cfg.sample_sampler, nfe=cfg.sample_nfe, cond=cond)
+        if hasattr(model, "preview_images"):  # an autoencoder: training images above their reconstructions
+            x = model.preview_images(source, n)
+        else:
+            x = model.sample(seeds=seeds, sampler=cfg.sample_sampler, nfe=cfg.sample_nfe, cond=cond)
         model.train()
     path = out / "samples" / f"step-{step:08d}.png"
     if image:
