@@ -353,3 +353,46 @@ def test_denoiser_presets_follow_the_latent_channels(preset, shape, extra):
     net = networks.build(preset, **{**fitted, "model_channels": 8, **extra} if "unet" in preset else {**fitted, **extra})
     x = torch.randn(2, *shape)
     assert net(x, torch.zeros(2)).shape == x.shape
+
+
+def test_couplings_of_a_latent_teacher_stay_in_latent_space(tmp_path, aes, capsys):
+    """`unifusion couple` on a latent model stores latents (not decoded images) against latent
+    noise, and a reflow student on them records the same autoencoder and decodes to images."""
+    aes["ae"] = PoolAE("ae")
+    assert _encode(["--autoencoder", "ae", "--data", "digits-train", "--out", tmp_path / "lat", "--n", 64])[0] == 0
+    flags = ["--network.model_channels", "8", "--sample-every", "0", "--sample-nfe", "2", "--batch-size", "16",
+             "--process", "flow", "--parametrization", "velocity"]
+    assert cli.main(["train", "--data", str(tmp_path / "lat"), "--out", str(tmp_path / "t"), "--steps", "2",
+                     "--checkpoint-every", "2", *flags]) == 0
+    assert cli.main(["couple", "--checkpoint", str(tmp_path / "t"), "--sampler", "euler", "--nfe", "2", "--n", "16",
+                     "--out", str(tmp_path / "pairs")]) == 0
+    teacher = models.load(tmp_path / "t")
+    pairs = datasets.load(str(tmp_path / "pairs"))
+    x, noise = pairs[3]["x0"], pairs[3]["noise"]
+    assert x.shape == noise.shape == (4, 4, 4)  # latent shape, not the image's (1, 8, 8)
+    torch.testing.assert_close(x, teacher.sample(seeds=[3], sampler="euler", nfe=2, decode=False)[0])
+    assert cli.main(["train", "--data", str(tmp_path / "pairs"), "--reflow", "true", "--init-from", str(tmp_path / "t"),
+                     "--out", str(tmp_path / "s"), "--steps", "2", "--checkpoint-every", "2", *flags]) == 0
+    spec = models.load(tmp_path / "s").spec
+    assert spec.data["kind"] == "latent" and spec.data["source"] == "digits-train"
+    assert spec.data["autoencoder"]["digest"] == aes["ae"].describe()["digest"]
+    assert spec.training["made_from"]["couplings"]["folder"] == str(tmp_path / "pairs")
+    assert models.load(tmp_path / "s").sample(seeds=range(2), sampler="euler", nfe=2).shape == (2, 1, 8, 8)
+
+
+def test_encode_overwrite_replaces_latents_of_another_autoencoder_and_spares_other_folders(tmp_path, aes, capsys):
+    aes["a"], aes["b"] = PoolAE("a", seed=0), PoolAE("b", seed=1)
+    out = tmp_path / "lat"
+    assert _encode(["--autoencoder", "a", "--data", "digits-train", "--out", out, "--n", 32])[0] == 0
+    assert _encode(["--autoencoder", "b", "--data", "digits-train", "--out", out, "--n", 32])[0] == 2
+    assert _encode(["--autoencoder", "nowhere", "--data", "digits-train", "--out", out, "--n", 32,
+                    "--overwrite"])[0] == 2  # a failing autoencoder deletes nothing
+    assert LatentSource(out).autoencoder["digest"] == aes["a"].describe()["digest"]
+    assert _encode(["--autoencoder", "b", "--data", "digits-train", "--out", out, "--n", 32, "--overwrite"])[0] == 0
+    assert LatentSource(out).autoencoder["digest"] == aes["b"].describe()["digest"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    capsys.readouterr()
+    assert _encode(["--autoencoder", "b", "--data", "digits-train", "--out", other, "--n", 32, "--overwrite"])[0] == 2
+    assert "does not hold latents" in capsys.readouterr().err and (other / "keep.txt").is_file()

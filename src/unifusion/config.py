@@ -390,10 +390,12 @@ def model_spec(cfg: TrainConfig, source):
     data = {"kind": "pixel", "shape": list(source.shape), "range": data_range, "levels": levels(source),
             "source": str(cfg.data), "options": data_options(cfg)}
     made = {}  # how the model was made, beyond the config: couplings, initial weights
-    if getattr(source, "kind", None) == "latent" and getattr(source, "autoencoder", None):  # `unifusion encode`
-        data = latent_data(cfg, source)
+    couplings = getattr(source, "index", {}).get("format") == "unifusion-couplings"
+    if getattr(source, "kind", None) == "latent" and getattr(source, "autoencoder", None):  # latents, or a latent
+        data = latent_data(cfg, source)                                                  # teacher's couplings
     elif getattr(source, "reference", None) and source.reference[0]:  # couplings: scored against the teacher's data
         data["source"], data["options"] = source.reference[0], dict(source.reference[1])
+    if couplings:
         made["couplings"] = {"folder": str(cfg.data), "teacher": source.index.get("teacher"),
                              "sampler": source.index.get("sampler")}
     if cfg.init_from:

@@ -174,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     en.add_argument("--image-size", type=int, default=0, help="image folders and tar shards: resize + center-crop "
                                                               "to this size (0 = keep)")
     en.add_argument("--channels", type=int, default=0, help="image folders and tar shards: 1 or 3 (0 = infer)")
+    en.add_argument("--overwrite", action="store_true", help="delete the latents already in --out (e.g. of an "
+                                                             "earlier autoencoder) and encode anew")
     ae = sub.add_parser("autoencoder", help="train a KL autoencoder for latent diffusion; measure its latent "
                                             "statistics", formatter_class=fmt,
                         description="train: the training loop with --family autoencoder (defaults: --data shapes-32 "

@@ -30,12 +30,18 @@ def run_couple(args) -> dict:
               "shape": list(spec.shape), "num_classes": spec.num_classes,
               "class_names": spec.conditioning.get("class_names"), "kind": "image" if spec.data.get("range") else
               "latent", "data_source": spec.data.get("source"), "data_options": spec.data.get("options") or {}}
+    latent = spec.data.get("kind") == "latent"
+    if latent:  # couplings in the teacher's latent space: a student trained on them decodes with its autoencoder
+        header["kind"] = "latent"
+        header["latent"] = {k: spec.data[k] for k in ("autoencoder", "image_shape", "image_range", "latents")
+                            if k in spec.data}
 
     def draw(seeds: list[int]) -> dict:
         noise = seed_noise(spec.shape, seeds)
         with torch.no_grad():
             x, cond = model.sample(seeds=seeds, noise=noise, sampler=args.sampler, nfe=args.nfe, cfg=args.cfg,
-                                   batch_size=args.batch_size, return_cond=True)
+                                   batch_size=args.batch_size, return_cond=True,
+                                   **({"decode": False} if latent else {}))
         out = {"noise": noise, "x0": x.float()}
         if spec.num_classes:
             out["y"] = cond["y"].long()

@@ -78,6 +78,10 @@ class CouplingSource(shards.ShardReader):
         self.source = str(self.root)
         self.shape = shape
         self.kind = index.get("kind", "image")
+        latent = index.get("latent") or {}  # couplings of a latent teacher: its autoencoder decodes the student
+        if latent.get("autoencoder"):
+            self.autoencoder = dict(latent["autoencoder"])
+            self.image_shape = tuple(latent["image_shape"])
         self.num_classes = int(index.get("num_classes") or 0)
         self.class_names = index.get("class_names")
         # what a model trained on these couplings is scored against: the teacher's own data
