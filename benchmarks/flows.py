@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import table  # benchmarks/tables.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--class-conditional", "false", "--sample-every", "0", "--threads", "1", "--checkpoint-every", "100000",
@@ -157,17 +158,6 @@ def time_sampling(folder: Path) -> None:
             model.sample(seeds=range(1000), sampler="dpmpp_2m", nfe=20, batch_size=500)
             best = min(best, time.perf_counter() - t)
         print(f"{run.name}: {best:.3f} ms/image (best of 3 x 1000 images, batch 500, 1 thread)")
-
-
-def _fmt(v, digits=3):
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def table(rows: list[dict], cols: list[tuple[str, str, int]]) -> str:
-    head = "| " + " | ".join(c[1] for c in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import table  # benchmarks/tables.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = ["--sample-every", "0", "--threads", "1", "--checkpoint-every", "100000", "--log-every", "50"]
@@ -129,17 +130,6 @@ def diffusion_rows(args, made: dict, tmp: Path) -> list[dict]:
                      "copy_rate": row.copy_rate, "ms_per_image": ms})
         print(json.dumps(rows[-1], default=str), flush=True)
     return rows
-
-
-def _fmt(v, digits=3):
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def table(rows: list[dict], cols: list[tuple[str, str, int]]) -> str:
-    head = "| " + " | ".join(c[1] for c in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
 
 
 def main(argv=None):

@@ -93,13 +93,14 @@ class DigitsClassifier(nn.Module):
     forward = logits
 
 
-class DigitsFeatures:
-    """A FeatureExtractor around a trained DigitsClassifier (eval mode, no gradients)."""
+class ClassifierFeatures:
+    """A FeatureExtractor around a trained classifier with features(x) and logits(x) (eval mode, no
+    gradients); the subclasses name the shipped ones."""
 
-    name = "digits-cnn"
-    dim = DigitsClassifier.feature_dim
+    name = "classifier"
+    dim = 0
 
-    def __init__(self, classifier: DigitsClassifier, metadata: dict | None = None):
+    def __init__(self, classifier: nn.Module, metadata: dict | None = None):
         self.classifier = classifier.eval()
         self.metadata = metadata or {}
 
@@ -108,8 +109,15 @@ class DigitsFeatures:
         return self.classifier.features(torch.as_tensor(x))
 
     @torch.no_grad()
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor):
         return self.classifier.logits(torch.as_tensor(x))
+
+
+class DigitsFeatures(ClassifierFeatures):
+    """The shipped DigitsClassifier's 128-d penultimate layer; logits (N, 10)."""
+
+    name = "digits-cnn"
+    dim = DigitsClassifier.feature_dim
 
 
 def load_digits_classifier(path=DIGITS_WEIGHTS) -> tuple[DigitsClassifier, dict]:
@@ -194,23 +202,11 @@ class ShapesClassifier(nn.Module):
     forward = logits
 
 
-class ShapesFeatures:
-    """A FeatureExtractor around a trained ShapesClassifier (eval mode, no gradients)."""
+class ShapesFeatures(ClassifierFeatures):
+    """The shipped ShapesClassifier's penultimate layer; logits {head: (N, classes)}."""
 
     name = "shapes-cnn"
     dim = ShapesClassifier.feature_dim
-
-    def __init__(self, classifier: ShapesClassifier, metadata: dict | None = None):
-        self.classifier = classifier.eval()
-        self.metadata = metadata or {}
-
-    @torch.no_grad()
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.classifier.features(torch.as_tensor(x))
-
-    @torch.no_grad()
-    def logits(self, x: Tensor) -> dict[str, Tensor]:
-        return self.classifier.logits(torch.as_tensor(x))
 
 
 def load_shapes_classifier(path=SHAPES_WEIGHTS) -> tuple[ShapesClassifier, dict]:
