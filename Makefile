@@ -28,7 +28,7 @@ demo: $(STAMP)
 # the latent path on the procedural shapes (32x32 RGB): a KL autoencoder (f4, 4 channels) and its latent
 # statistics, 20,000 training images encoded to shards, class-conditional EDM on the 4x8x8 latents, decoded
 # samples, then both scored (reconstruction PSNR/SSIM/rFID; FID and attribute accuracy of the samples)
-LATENT_STEPS ?= 3000
+LATENT_STEPS ?= 2500
 demo-latent: $(STAMP)
 	$(PY) -m unifusion autoencoder train --out runs/shapes-ae --overwrite
 	$(PY) -m unifusion encode --autoencoder runs/shapes-ae --data shapes-32-train:20000 --batch-size 256 \
