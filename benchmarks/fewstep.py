@@ -30,7 +30,7 @@ where no teacher row matches it, or one matches it at no more calls).
 Writes fewstep.md (the table), fewstep.json (rows) and fewstep.png (FID vs NFE, one line per
 method) into --out, and the runs under --out/runs.
 
-    python benchmarks/fewstep.py                 # the full budgets (about an hour on 2 cores)
+    python benchmarks/fewstep.py                 # the full budgets (about 30 min, one thread)
     python benchmarks/fewstep.py --quick         # a smoke test with tiny budgets (< 3 minutes)
 """
 from __future__ import annotations

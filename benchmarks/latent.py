@@ -14,7 +14,7 @@ train`), one thread per process, one job at a time; CPU time is the children's u
      held-out images: FID, KID, precision, recall, attribute accuracy (main object's shape and
      colour = the class asked for), plus ms/image to sample (decoding included).
 
-    python benchmarks/latent.py                            # ~50 min on one core
+    python benchmarks/latent.py                            # about an hour, one thread
     python benchmarks/latent.py --budget 120 --ae-budget 60 --n 300 --latents 5000   # a quick look
 """
 from __future__ import annotations
@@ -61,6 +61,19 @@ def _train(train: list[str], out: Path, steps: int) -> float:
                  "--warmup-steps", str(min(200, steps // 10)), *QUIET])
 
 
+def _done(tmp: Path) -> dict:
+    """Rows already measured in a kept folder (--keep): a rerun continues where it stopped."""
+    p = tmp / "done.json"
+    return json.loads(p.read_text()) if p.is_file() else {"ae": {}, "diffusion": {}}
+
+
+def _record(tmp: Path, part: str, key: str, value) -> None:
+    from unifusion.safeio import atomic_write
+    done = _done(tmp)
+    done[part][key] = value
+    atomic_write(tmp / "done.json", json.dumps(done, indent=1, default=str))
+
+
 def autoencoder_rows(args, tmp: Path) -> tuple[list[dict], dict]:
     from unifusion.data import load
     from unifusion.evaluation.features import shapes_features
@@ -68,7 +81,12 @@ def autoencoder_rows(args, tmp: Path) -> tuple[list[dict], dict]:
     from unifusion.models.autoencoder import load_autoencoder
     held_out = load(f"shapes-32-test:{args.n}").arrays()[0]
     rows, made = [], {}
+    done = _done(tmp)["ae"]
     for f in (4, 8):
+        if str(f) in done:  # measured by an earlier run into the same --keep folder
+            rows.append(done[str(f)]["row"])
+            made[f] = {k: Path(v) if k in ("ae", "latents") else v for k, v in done[str(f)]["made"].items()}
+            continue
         train = ["autoencoder", "train", "--data", "shapes-32", "--network", f"ae-f{f}"]
         steps, per_step = _steps_for(train, args.ae_budget, tmp)
         out = tmp / f"ae-f{f}"
@@ -90,6 +108,7 @@ def autoencoder_rows(args, tmp: Path) -> tuple[list[dict], dict]:
                      "std_ratio": ratio, "encode_img_s": args.latents / wall, "encode_cpu_img_s": args.latents / enc_cpu,
                      "params_m": sum(p.numel() for p in ae.parameters()) / 1e6})
         print(json.dumps(rows[-1], default=str), flush=True)
+        _record(tmp, "ae", str(f), {"row": rows[-1], "made": made[f]})
     return rows, made
 
 
@@ -103,7 +122,11 @@ def diffusion_rows(args, made: dict, tmp: Path) -> list[dict]:
         runs.append((f"latent f{f} (unet-digits)", ["train", "--data", str(m["latents"]), "--network", "unet-digits",
                                                     "--network.model_channels", "32"], overhead))
     ref = None
+    done = _done(tmp)["diffusion"]
     for name, train, overhead in runs:
+        if name in done:  # measured by an earlier run into the same --keep folder
+            rows.append(done[name])
+            continue
         budget = args.budget - overhead
         if budget < 30:
             rows.append({"row": name, "note": f"autoencoder + encoding took {overhead / 60:.1f} of "
@@ -129,6 +152,7 @@ def diffusion_rows(args, made: dict, tmp: Path) -> list[dict]:
                      "precision": row.precision, "recall": row.recall, "accuracy": row.accuracy,
                      "copy_rate": row.copy_rate, "ms_per_image": ms})
         print(json.dumps(rows[-1], default=str), flush=True)
+        _record(tmp, "diffusion", name, rows[-1])
     return rows
 
 
@@ -138,7 +162,8 @@ def main(argv=None):
     p.add_argument("--ae-budget", type=float, default=240, help="CPU seconds of autoencoder training")
     p.add_argument("--latents", type=int, default=20000, help="training images encoded for the latent models")
     p.add_argument("--n", type=int, default=1000, help="held-out images / samples scored")
-    p.add_argument("--keep", default=None, help="keep the runs in this folder")
+    p.add_argument("--keep", default=None, help="keep the runs in this folder; a rerun into it skips the rows "
+                                                "already measured there (done.json)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -12,6 +12,10 @@ import errno
 import sys
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
+# command -> (module, function(args)), imported only when the command runs
+RUNNERS = {"sample": (".sample", "run_sample"), "eval": ("..evaluation.evaluate", "run"),
+           "calibrate": (".calibrate", "run_calibrate"), "couple": (".couple", "run_couple"),
+           "encode": (".encode", "run_encode"), "ema": (".ema", "run_ema")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,24 +217,10 @@ def _main(argv: list[str] | None = None) -> int:
             p._subparsers._group_actions[0].choices["train"].print_help()
             return 0
         return run_train(extra)
-    elif args.command == "sample":
-        from .sample import run_sample
-        run_sample(args)
-    elif args.command == "eval":
-        from ..evaluation.evaluate import run as run_eval
-        run_eval(args)
-    elif args.command == "calibrate":
-        from .calibrate import run_calibrate
-        run_calibrate(args)
-    elif args.command == "couple":
-        from .couple import run_couple
-        run_couple(args)
-    elif args.command == "encode":
-        from .encode import run_encode
-        run_encode(args)
-    elif args.command == "ema":
-        from .ema import run_ema
-        run_ema(args)
+    elif args.command in RUNNERS:  # commands that take the parsed arguments
+        import importlib
+        module, name = RUNNERS[args.command]
+        getattr(importlib.import_module(module, __package__), name)(args)
     elif args.command == "autoencoder":
         from .autoencoder import run_autoencoder
         return run_autoencoder(args.what, args.rest)
