@@ -11,8 +11,8 @@ alone and a resumed writer makes exactly the shards an uninterrupted one would. 
 written atomically (a hidden temporary file renamed into place: a partial file is never under a
 listed name) and the index is rewritten after each shard, so a shard the index lists is complete.
 Resuming keeps the listed shards whose file is there (and, when the index records "bytes", has
-that size) and writes the others. `ShardReader` opens the shards with safetensors' `safe_open`
-(memory-mapped) and reads one row at a time, so a folder larger than RAM streams like any source.
+that size) and writes the others. `ShardReader` memory-maps the shards (MappedShard: numpy memory
+maps at the offsets of the safetensors header) and reads one row at a time, so a folder larger than RAM streams like any source.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,36 @@ from ..safeio import atomic_write, save_safetensors
 INDEX = "index.json"
 VERSION = 1
 TEMP_PREFIX = ".tmp-"  # safeio's temporary files: never listed, never a reason to call a folder foreign
+
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class MappedShard:
+    """A safetensors file's arrays as read-only numpy memory maps. The header (8 bytes of length,
+    then JSON: dtype, shape, data offsets) is read here, not with safetensors' safe_open, whose
+    get_slice keeps about 60 bytes per call: over a long run (two reads per item, millions of items)
+    that grows the heap without bound (measured: +25 MiB per 200,000 items)."""
+
+    def __init__(self, path):
+        path = str(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.arrays: dict[str, np.ndarray] = {}
+        for key, h in header.items():
+            dtype, shape = np.dtype(_DTYPES[h["dtype"]]), tuple(h["shape"])
+            lo, hi = h["data_offsets"]
+            if hi - lo != dtype.itemsize * math.prod(shape):
+                raise ValueError(f"array {key!r}: {hi - lo} bytes for shape {shape} of {h['dtype']}")
+            self.arrays[key] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + n + lo, shape=shape)
+                                if math.prod(shape) else np.zeros(shape, dtype))
+
+    def rows(self, key: str, lo: int, hi: int) -> Tensor:
+        """Rows [lo, hi) of `key`, copied out of the memory map."""
+        return torch.from_numpy(np.array(self.arrays[key][lo:hi]))
 
 
 def index_format(path) -> str | None:
@@ -148,10 +179,9 @@ class ShardReader(torch.utils.data.Dataset):
             self._check(i, arrays)
         self._open = {}  # opened again on first use (and in each DataLoader worker)
 
-    def _handle(self, k: int):
+    def _handle(self, k: int) -> MappedShard:
         if k not in self._open:
-            from safetensors import safe_open
-            self._open[k] = safe_open(str(self.root / self._shards[k]["file"]), framework="pt")
+            self._open[k] = MappedShard(self.root / self._shards[k]["file"])
         return self._open[k]
 
     def _check(self, k: int, arrays: dict[str, tuple]) -> None:
@@ -159,7 +189,7 @@ class ShardReader(torch.utils.data.Dataset):
         try:
             f = self._handle(k)
             for key, row in arrays.items():
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = tuple(f.arrays[key].shape)
                 if shape != (s["count"], *row):
                     raise ValueError(f"{key} has shape {shape}, the index says ({s['count']}, "
                                      f"{', '.join(map(str, row))})")
@@ -171,9 +201,7 @@ class ShardReader(torch.utils.data.Dataset):
         """Whether the shards hold the array `key` (the first shard answers for all)."""
         if not self._shards:
             return False
-        from safetensors import safe_open
-        with safe_open(str(self.root / self._shards[0]["file"]), framework="pt") as f:
-            return key in set(f.keys())
+        return key in MappedShard(self.root / self._shards[0]["file"]).arrays  # not kept open
 
     def __getstate__(self):  # DataLoader workers reopen the shards
         state = dict(self.__dict__)
@@ -194,8 +222,8 @@ class ShardReader(torch.utils.data.Dataset):
     def row(self, key: str, i: int) -> Tensor:
         """Row i of the array `key` (a copy: one row read from the memory map)."""
         k, r = self.locate(int(i))
-        return self._handle(k).get_slice(key)[r:r + 1][0]
+        return self._handle(k).rows(key, r, r + 1)[0]
 
     def rows(self, key: str, k: int, lo: int, hi: int) -> Tensor:
         """Rows [lo, hi) of the array `key` in shard k."""
-        return self._handle(k).get_slice(key)[lo:hi]
+        return self._handle(k).rows(key, lo, hi)
