@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m unifusion train --overwrite
 	$(PY) -m unifusion sample --checkpoint runs/digits --sampler dpmpp_2m --nfe 20 --seeds 0-99 \
-		--out runs/digits/samples.npz --grid runs/digits/samples_grid.png
+		--out runs/digits/samples.npz --png runs/digits/samples_grid.png
 	$(PY) -m unifusion eval --checkpoint runs/digits
 	$(PY) -m unifusion demo --out runs/demo
 
@@ -36,11 +36,13 @@ demo-latent: $(STAMP)
 	$(PY) -m unifusion train --data runs/shapes-latents --network.model_channels 32 --steps $(LATENT_STEPS) \
 		--out runs/shapes-ldm --overwrite
 	$(PY) -m unifusion sample --checkpoint runs/shapes-ldm --seeds 0-95 --out runs/shapes-ldm/samples.npz \
-		--grid runs/shapes-ldm/samples_grid.png
+		--png runs/shapes-ldm/samples_grid.png
 	$(PY) -m unifusion eval --checkpoint runs/shapes-ae --n 1000
 	$(PY) -m unifusion eval --checkpoint runs/shapes-ldm --n 1000
 
+# the layering contract of DESIGN §3 (import-linter, [tool.importlinter] in pyproject.toml), then the tests
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 # peers for the side-by-side benchmark (never runtime dependencies)

@@ -57,7 +57,7 @@ def _alive(pid: int) -> bool:
 
 
 def final_tensors(out: Path) -> dict:
-    from unifusion.training import checkpoint
+    from unifusion import checkpoint
     tensors, state = checkpoint.load(out)
     assert state["step"] == 40, state["step"]
     return tensors

@@ -1,6 +1,6 @@
 """Train the small digits CNN whose penultimate layer is the feature space for digits FID/KID/
 precision-recall, report its held-out accuracy, and write the weights shipped with the package
-(src/unifusion/evaluation/digits_classifier.safetensors; metadata: accuracy, split, command).
+(src/unifusion/networks/digits_classifier.safetensors; metadata: accuracy, split, command).
 
     .venv/bin/python benchmarks/train_digits_classifier.py [--epochs 60] [--seed 0] [--out PATH]
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from unifusion import data
-from unifusion.evaluation.features import DIGITS_WEIGHTS, DigitsClassifier
+from unifusion.networks.classifiers import DIGITS_WEIGHTS, DigitsClassifier
 
 
 def augment(x: torch.Tensor, g: torch.Generator, noise_max: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Train the small CNN whose penultimate layer is the feature space for FID/KID/precision-recall
 on the procedural `shapes` data and whose heads score conditional samples (main object's shape,
 colour, size; object count; class), print its held-out accuracies, and write the weights shipped
-with the package (src/unifusion/evaluation/shapes_classifier.safetensors; metadata: accuracy per
+with the package (src/unifusion/networks/shapes_classifier.safetensors; metadata: accuracy per
 head at 32 and 64, the command, the date).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_shapes_classifier.py [--steps 2200] [--out PATH]
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unifusion.data.shapes import ShapesSource
-from unifusion.evaluation.features import SHAPES_HEADS, SHAPES_WEIGHTS, ShapesClassifier
+from unifusion.networks.classifiers import SHAPES_HEADS, SHAPES_WEIGHTS, ShapesClassifier
 from unifusion.safeio import save_safetensors
 
 

@@ -21,7 +21,7 @@ from unifusion.models.autoencoder import (
     measure_latent_statistics,
     write_latent_statistics,
 )
-from unifusion.training import checkpoint
+from unifusion import checkpoint
 from unifusion.training import loop as L
 
 TINY_NET = {"base_channels": 8, "ch_mult": [1, 2]}  # f = 2 on 8x8 digits

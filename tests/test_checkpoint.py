@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from unifusion.training import checkpoint as ckpt
-from unifusion.training.checkpoint import CheckpointError, CheckpointNotFoundError
+from unifusion import checkpoint as ckpt
+from unifusion.checkpoint import CheckpointError, CheckpointNotFoundError
 from unifusion.training.ema import EMA
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -175,7 +175,7 @@ def test_resaving_a_step_replaces_it(tmp_path):
 
 _CHILD = r"""
 import sys, torch
-from unifusion.training import checkpoint as ckpt
+from unifusion import checkpoint as ckpt
 run_dir = sys.argv[1]
 big = {f"g{i}": {"w": torch.randn(256, 1024)} for i in range(8)}  # 8 x 1 MiB
 step = 0

@@ -502,8 +502,8 @@ def test_check_batch():
 
 
 # ------------------------------------------------------------------------ shared helpers
-def test_check_images_is_shared_with_features():
-    from unifusion.evaluation import features
+def test_check_images_messages():
+    from unifusion.networks import classifiers
 
     x = torch.zeros(2, 3, 4, 4)
     assert data.check_images(x) is x and data.check_images(x, (1, 3)) is x
@@ -511,7 +511,7 @@ def test_check_images_is_shared_with_features():
         data.check_images(torch.zeros(2, 3), what="save_grid")
     want = r"DigitsClassifier expects images \(N, 1, H, W\) in \[-1, 1\], got shape \(2, 3, 4, 4\)"
     with pytest.raises(ValueError, match=want):
-        features._check_images(x, 1, "DigitsClassifier")
+        classifiers.DigitsClassifier().features(x)
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from unifusion import cli, likelihood, models
 from unifusion import config as C
 from unifusion import data as datasets
-from unifusion.training import checkpoint
+from unifusion import checkpoint
 from unifusion.training import loop as L
 
 from .test_training import _cli, _torchrun, _train_args
@@ -98,7 +98,7 @@ def test_two_ranks_equal_one_rank_for_glow(tmp_path):
     """ActNorm's data-dependent init all-reduces its statistics: 2 gloo ranks (8 examples each)
     end with the weights of 1 rank on the global batch of 16."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kw = dict(data="digits-train", family="flow-glow", network="unet-digits", process="edm",
+    kw = dict(data="digits-train", family="flow-glow", network="auto", process="edm",
               parametrization="edm", noise_density="lognormal", batch_size=16, steps=3, checkpoint_every=3,
               **{"network.hidden": 8, "network.steps": 1, "network.num_levels": 1})
     for name, cmd in {"one": _cli("train", *_train_args(tmp_path / "one", **kw)),

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from unifusion import config as C
-from unifusion.training import checkpoint
+from unifusion import checkpoint
 from unifusion.training import loop as L
 from unifusion.training.ema import read_snapshots
 

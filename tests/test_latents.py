@@ -301,7 +301,7 @@ def test_train_sample_and_eval_on_latents_decode_to_images(tmp_path, aes, capsys
     assert spec.data["source"] == "digits-train" and spec.data["autoencoder"]["digest"] == aes["ae"].describe()["digest"]
     assert (run / "samples" / "latest.png").is_file()
     assert cli.main(["sample", "--checkpoint", str(run), "--n", "6", "--nfe", "3", "--out", str(tmp_path / "s.npz"),
-                     "--grid", str(tmp_path / "s.png")]) == 0
+                     "--png", str(tmp_path / "s.png")]) == 0
     with np.load(tmp_path / "s.npz") as f:
         x = f["x"]
     assert x.shape == (6, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and (tmp_path / "s.png").is_file()
@@ -348,7 +348,7 @@ def test_the_whole_path_with_a_real_autoencoder(tmp_path):
                                                 ("dit-s2", (4, 4, 4), {"hidden_size": 32, "depth": 1, "num_heads": 2})])
 def test_denoiser_presets_follow_the_latent_channels(preset, shape, extra):
     from unifusion import networks
-    fitted = C.latent_network_args(preset, shape)
+    fitted = networks.fitted_args(preset, shape)
     assert fitted["in_channels"] == 4 and fitted.get("input_size", shape[-1]) == shape[-1]
     net = networks.build(preset, **{**fitted, "model_channels": 8, **extra} if "unet" in preset else {**fitted, **extra})
     x = torch.randn(2, *shape)

@@ -33,7 +33,7 @@ def test_spec_round_trips_through_json_including_an_infinite_sigma_max():
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda d: d.update(family="gan"), "family 'gan' is unknown"),
+    (lambda d: d.update(family="gan"), "family 'gan' is not registered.*register"),
     (lambda d: d["network"]["kwargs"].update(widht=3), "no argument.*widht"),
     (lambda d: d["process"]["kwargs"].update(sigma_maxx=3), "sigma_maxx"),
     (lambda d: d.update(colour="red"), "unknown spec field.*colour"),

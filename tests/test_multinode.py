@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from unifusion import config as C
-from unifusion.training import checkpoint
+from unifusion import checkpoint
 from unifusion.training import loop as L
 
 from .test_training import TINY, _train_args

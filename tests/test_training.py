@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from unifusion import config as C
-from unifusion.training import checkpoint
+from unifusion import models
+from unifusion import checkpoint
 from unifusion.training import loop as L
 
 TINY = dict(data="moons", network="mlp-2d", process="flow", parametrization="velocity", noise_density="uniform_t",
@@ -68,8 +69,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     real_ema_update = L.EMA.update
     calls = {"n": 0}
 
-    def crash_after_6(self, model, batch):
-        real_ema_update(self, model, batch)
+    def crash_after_6(self, model, batch, *ok):
+        real_ema_update(self, model, batch, *ok)
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("simulated crash")
@@ -208,7 +209,7 @@ def test_sample_cli_writes_the_contract(digits_run, tmp_path):
     from unifusion.cli import main
     npz, png = tmp_path / "s.npz", tmp_path / "g.png"
     assert main(["sample", "--checkpoint", str(digits_run), "--sampler", "euler", "--nfe", "4",
-                 "--seeds", "0-7", "--out", str(npz), "--grid", str(png)]) == 0
+                 "--seeds", "0-7", "--out", str(npz), "--png", str(png)]) == 0
     f = np.load(npz)
     assert f["x"].shape == (8, 1, 8, 8) and f["x"].dtype == np.float32
     assert f["x"].min() >= -1 and f["x"].max() <= 1
@@ -244,7 +245,31 @@ def test_data_the_network_cannot_take(tmp_path):
     path = tmp_path / "rgb.npz"
     np.savez(path, x=((rgb.x.numpy() + 1) * 127.5).round().astype(np.uint8), y=rgb.y.numpy())
     with pytest.raises(ValueError, match=r"shape \(3, 8, 8\)"):
-        L.train(C.from_dict({"data": str(path), "steps": 2, "batch_size": 16, "out": str(tmp_path / "r")}), progress=False)
+        L.train(C.from_dict({"data": str(path), "network": "unet-digits", "steps": 2, "batch_size": 16,
+                             "out": str(tmp_path / "r")}), progress=False)
+
+
+@pytest.mark.parametrize("data,shape,preset,kwargs", [
+    ("moons", (2,), "MLP", {"dim": 2}),
+    ("digits-train", (1, 8, 8), "UNet", {"in_channels": 1, "resolution": 8, "attn_resolutions": [4]}),
+    ("shapes-32-train:64", (3, 32, 32), "UNet", {"in_channels": 3, "resolution": 32, "attn_resolutions": [8]}),
+    ("rgb16", (3, 16, 16), "UNet", {"in_channels": 3, "resolution": 16, "attn_resolutions": [4]}),
+])
+def test_the_default_network_follows_the_data(tmp_path, data, shape, preset, kwargs):
+    """--network auto (the default): vectors get the MLP, 8x8 images the digits UNet, larger images
+    unet-32 fitted to their channels and size; each trains a step without any --network flag."""
+    from unifusion import data as datasets
+    if data == "rgb16":
+        x = (torch.rand(32, 3, 16, 16) * 255).round().numpy().astype(np.uint8)
+        np.savez(tmp_path / "rgb16.npz", x=x, y=np.arange(32) % 4)
+        data = str(tmp_path / "rgb16.npz")
+    cfg = C.from_dict({"data": data, "steps": 1, "batch_size": 8, "sample_every": 0, "out": str(tmp_path / "r")})
+    spec = C.model_spec(cfg, datasets.load(data))
+    assert spec.shape == shape and spec.network["class"] == preset
+    assert {k: spec.network["kwargs"][k] for k in kwargs} == kwargs
+    model = models.build(spec)
+    batch = {"x0": torch.zeros((4,) + shape), "cond": {"y": torch.zeros(4, dtype=torch.long)}}
+    assert model.loss(batch, torch.Generator().manual_seed(0)).shape == (4,)
 
 
 def test_image_options_only_for_folders(tmp_path):

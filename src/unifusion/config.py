@@ -10,12 +10,14 @@ in YAML as mappings or on the command line as `--network.model_channels 32`,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from . import densities, parametrizations, processes
 
@@ -25,9 +27,10 @@ WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
 # keys a resumed run may change: they do not alter what is being learned
 RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
                "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite",
-               "sharding"}
-DEFAULT_NETWORK = "unet-digits"
+               "sharding", "compile", "channels_last"}
+AUTO_NETWORK = "auto"  # the family picks the network for the data
 PREFIXES = {"network": "network_args", "process": "process_args", "density": "density_args"}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
 
 
 def opt(default, group: str, help: str):
@@ -44,25 +47,17 @@ class TrainConfig:
     channels: int = opt(0, "data", "image folders and tar shards: 1 or 3 (0 = infer)")
     skip_corrupt: bool = opt(False, "data", "image folders and tar shards: skip unreadable files / damaged "
                                             "shards instead of failing")
+    keep_size: bool = opt(False, "data", "image folders and tar shards: keep each image's own size (train them "
+                                         "packed: --pack-tokens)")
+    max_area: int = opt(0, "data", "image folders and tar shards: keep each image's own size, scaled down (aspect "
+                                   "ratio kept) to at most this many pixels (0 = no cap; implies --keep-size)")
     num_workers: int = opt(0, "data", "DataLoader worker processes decoding images (0 = in the main process)")
     reflow: bool = opt(False, "data", "train on the data's noise-data couplings (from `unifusion couple`) instead "
                                       "of fresh noise: k-rectified flow; an error when the data has none")
-    # ---- model
-    family: str = opt("diffusion", "model", "model family: diffusion (every process x parametrization), cnf "
-                                            "(the same denoiser trained by maximum likelihood), flow-nice, "
-                                            "flow-realnvp, flow-glow (coupling flows; --network.X sets their "
-                                            "arguments), autoencoder (a KL autoencoder, LDM-style: see `unifusion "
-                                            "autoencoder train`)")
-    dequantization: str = opt("uniform", "model", "likelihood families on discrete data: uniform | variational "
-                                                  "(coupling flows only)")
-    ode_tol: float = opt(1e-3, "model", "cnf: RK45 tolerance of the training solve")
-    ode_steps: int = opt(0, "model", "cnf: fixed RK4 steps of the training solve instead (0 = adaptive RK45)")
-    kl_weight: float = opt(1e-6, "model", "autoencoder: weight of KL(q(z|x) || N(0, I)) per pixel (LDM's 1e-6)")
-    rec_loss: str = opt("l1", "model", "autoencoder: reconstruction loss, l1 | l2 (mean over pixels)")
-    perceptual_weight: float = opt(0.0, "model", "autoencoder: weight of the perceptual distance (unifusion.perceptual)")
-    disc_weight: float = opt(0.0, "model", "autoencoder: weight of the patch discriminator's hinge-GAN term "
-                                           "(0 = no discriminator)")
-    disc_start: int = opt(0, "model", "autoencoder: training step at which the discriminator switches on")
+    # ---- model: what every family shares (a family's own options are in cfg.options, see models/options.py)
+    family: str = opt("diffusion", "model", "model family (unifusion.models.registry): diffusion (every process x "
+                                            "parametrization), cnf, flow-nice, flow-realnvp, flow-glow, autoencoder, "
+                                            "or one registered by a plugin; `train --family X --help` shows its options")
     process: str = opt("edm", "model", "noise process: " + ", ".join(sorted(processes.PROCESSES)))
     process_args: dict = opt({}, "model", "process arguments, e.g. --process.sigma_max 50 (VE), "
                                           "--process.schedule cosine (DDPM)")
@@ -73,25 +68,19 @@ class TrainConfig:
     density_args: dict = opt({}, "model", "noise-density arguments, e.g. --density.p_mean -1.0")
     weighting: str = opt("native", "model", "loss weight lambda(sigma): " + ", ".join(WEIGHTINGS))
     shift: float = opt(1.0, "model", "SD3 time shift, used by the logit_normal density and the sd3 grid")
-    network: str = opt(DEFAULT_NETWORK, "model", "network preset (networks.PRESETS); its arguments can be changed")
+    network: str = opt(AUTO_NETWORK, "model", "network preset (networks.PRESETS); auto = the family's default for "
+                                              "the data's shape (vectors: mlp-2d, 8x8 images: unet-digits, larger "
+                                              "images: unet-32, latents: fitted to their channels); its arguments can "
+                                              "be changed")
     network_args: dict = opt({}, "model", "network arguments over the preset's, e.g. --network.model_channels 32")
     init_from: str = opt("", "model", "start from this model's weights (a run, checkpoint or model folder; its EMA "
                                       "when it has one), e.g. the teacher of a reflow; the networks must match")
-    objective: str = opt("denoise", "model", "what the model learns: denoise (the diffusion / flow-matching loss) | "
-                                             "distill (onto couplings: --data from `unifusion couple`) | progressive "
-                                             "(halve a --teacher's Euler steps) | cd (consistency distillation of a "
-                                             "--teacher) | ict (improved consistency training): few-step students, "
-                                             "see models/fewstep.py")
-    teacher: str = opt("", "model", "progressive, cd: the teacher (a run, checkpoint or model folder)")
-    student_steps: int = opt(0, "model", "distill: the student's steps K (0 = 1); progressive: K, where the teacher "
-                                         "takes 2K (0 = half a distilled teacher's steps)")
-    distance: str = opt("auto", "model", "few-step objectives: l2 | pseudo_huber | perceptual (auto = pseudo_huber "
-                                         "for cd and ict, l2 otherwise)")
-    cm_steps: int = opt(18, "model", "cd: the discretisation's N (karras, rho 7)")
-    teacher_solver: str = opt("heun", "model", "cd: the teacher's ODE step, euler | heun")
     class_conditional: bool = opt(True, "model", "condition on labels when the data has them (the cnf and "
                                                  "coupling-flow families are unconditional and ignore labels)")
-    cond_drop: float = opt(0.1, "model", "label dropout for classifier-free guidance")
+    cond_drop: float = opt(0.1, "model", "label (or caption) dropout for classifier-free guidance")
+    text_encoder: str = opt("", "model", "condition on the data's captions through this frozen text encoder: a run of "
+                                         "`unifusion encoder train` or a transformers CLIPTextModel / T5EncoderModel "
+                                         "folder (the network gets its tokens and pooled vector)")
     sigma_min: float = opt(0.0, "model", "default sampling sigma_min (0 = the process's own range)")
     sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
     grid: str = opt("native", "model", "default sampling grid (native = the process's own discretization)")
@@ -109,7 +98,12 @@ class TrainConfig:
                                                 "steps to <out>/posthoc (0 = off; `unifusion ema` reconstructs any length)")
     posthoc_stds: str = opt("0.05,0.10", "optimisation", "post-hoc EMA: the relative stds of the two tracked profiles")
     precision: str = opt("fp32", "optimisation", "fp32 | bf16 | fp16 (fp16 only on GPU)")
-    compile: bool = opt(False, "optimisation", "torch.compile the model for training")
+    compile: str = opt("off", "optimisation", "torch.compile the model for training: off | default (or true) | "
+                                              "reduce-overhead (the compiled forward and backward replayed as CUDA "
+                                              "graphs: for small networks, CUDA only) | max-autotune")
+    channels_last: bool = opt(False, "optimisation", "convolutional networks (UNet, autoencoder) in the channels_last "
+                                                     "memory format: faster convolutions on CUDA tensor cores, the same "
+                                                     "results up to rounding")
     sharding: str = opt("ddp", "optimisation", "ddp | fsdp: under torchrun, replicate the model on every rank (DDP) or "
                                               "shard parameters, gradients and optimizer state per block (FSDP2; fp32 "
                                               "or bf16); one process runs unsharded either way. Checkpoints are the "
@@ -130,25 +124,20 @@ class TrainConfig:
     overwrite: bool = opt(False, "run", "delete an existing run in --out and start a new one")
     device: str = opt("auto", "run", "auto | cpu | cuda")
 
+    # the family's own options (a dataclass of models/options.py fields); set from `family`
+    options: Any = field(default=None, repr=True, metadata={"group": None, "help": ""})
+
+    def __post_init__(self):
+        if self.options is None:
+            self.options = options_class(self.family)()
+
     def validate(self) -> "TrainConfig":
         from . import models, samplers
+        from .models.options import check_values
         from .samplers import grids
-        _choice("family", self.family, models.FAMILIES)
-        _choice("dequantization", self.dequantization, ("uniform", "variational"))
-        if self.dequantization == "variational" and self.family not in models.flows.COUPLING_FAMILIES:
-            raise ValueError(f"--dequantization variational is for the coupling flows (flow-nice, flow-realnvp, "
-                             f"flow-glow), not --family {self.family}")
-        if self.family in models.flows.COUPLING_FAMILIES and self.network != DEFAULT_NETWORK:
-            raise ValueError(f"--network picks a denoiser preset; --family {self.family} has its own invertible "
-                             f"network: set its arguments with --network.NAME VALUE (e.g. --network.hidden 64)")
-        _choice("rec_loss", self.rec_loss, ("l1", "l2"))
-        ae_preset = self.network.startswith("ae-")
-        if self.family == "autoencoder" and self.network != DEFAULT_NETWORK and not ae_preset:
-            raise ValueError(f"--family autoencoder takes an autoencoder preset (ae-f4, ae-f8), not --network "
-                             f"{self.network}")
-        if self.family != "autoencoder" and ae_preset:
-            raise ValueError(f"--network {self.network} is an autoencoder; train it with --family autoencoder "
-                             "(`unifusion autoencoder train`)")
+        _choice("family", self.family, models.registry.names())
+        if type(self.options) is not options_class(self.family):
+            raise ValueError(f"the options given are not --family {self.family}'s")
         _choice("process", self.process, processes.PROCESSES)
         _choice("parametrization", self.parametrization, parametrizations.PARAMETRIZATIONS)
         _choice("noise_density", self.noise_density, NOISE_DENSITIES)
@@ -156,6 +145,10 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("sharding", self.sharding, ("ddp", "fsdp"))
+        self.compile = compile_mode(self.compile)
+        _choice("compile", self.compile, COMPILE_MODES)
+        if self.channels_last and self.sharding == "fsdp":
+            raise ValueError("--channels-last is not supported with --sharding fsdp (its shards are flat); use ddp")
         if self.sharding == "fsdp" and self.precision == "fp16":
             raise ValueError("--sharding fsdp trains in --precision fp32 or bf16 (fp16 needs a loss scaler "
                              "over sharded gradients, not supported); use bf16")
@@ -169,12 +162,11 @@ class TrainConfig:
         stds = posthoc_stds(self.posthoc_stds)
         if len(stds) < 1 or not all(0 < v < math.sqrt(1 / 12) for v in stds):
             raise ValueError(f"--posthoc-stds must be relative stds in (0, 0.288), e.g. 0.05,0.10; got {self.posthoc_stds!r}")
-        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start", "posthoc_every", "sample_every",
-                     "ode_steps", "warmup_steps", "image_size", "channels", "num_workers", "threads",
-                     "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
+        for name in ("posthoc_every", "sample_every", "warmup_steps", "image_size", "channels", "num_workers", "max_area",
+                     "threads", "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "sigma_data", "ema_half_life", "shift", "ode_tol"):
+        for name in ("lr", "sigma_data", "ema_half_life", "shift"):
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"{flag(name)} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.cond_drop <= 1:
@@ -186,11 +178,40 @@ class TrainConfig:
         if self.shift != 1 and self.noise_density not in ("logit_normal",) and self.grid not in ("native", "sd3"):
             raise ValueError("--shift applies to the logit_normal noise density and the sd3 grid; "
                              "use --noise-density logit_normal and/or --grid sd3")
-        models.fewstep.check_config(self)  # --objective and its keys (may set the preview's sampler)
+        if self.network != AUTO_NETWORK:
+            from . import networks
+            every = {**networks.PRESETS, **networks.AUTOENCODER_PRESETS}
+            if self.network not in every:
+                raise ValueError(f"--network {self.network!r} is not a preset; choose auto or one of {sorted(every)}")
+        check_values(self.options, flag)
+        for family in models.registry.chain(self.family):  # the family's own checks, then its extensions'
+            family.check_options(self)
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat key -> value mapping of config.json and checkpoints: the shared keys and the
+        family's own (YAML files and flags use the same names)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "options"}
+        out.update(dataclasses.asdict(self.options))
+        return out
+
+
+def options_class(family: str):
+    """The dataclass of `--family family`'s own options (models/registry.py); a family that is not
+    registered gets an empty one here, and validate() names the valid families."""
+    from . import models
+    try:
+        return models.registry.options_class(family)
+    except ValueError:
+        return _NO_OPTIONS
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+_NO_OPTIONS = _NoOptions
 
 
 def posthoc_stds(text: str) -> tuple[float, ...]:
@@ -198,6 +219,16 @@ def posthoc_stds(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--posthoc-stds: cannot read {text!r}; give comma-separated numbers, e.g. 0.05,0.10") from None
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_mode(value) -> str:
+    """--compile as a mode: true / false (flags, YAML and the boolean key of older stored configs) are
+    'default' / 'off'; other values as given (validate checks them)."""
+    low = str(value).lower()
+    return "default" if low in ("true", "1", "yes") else "off" if low in ("false", "0", "no") else str(value)
 
 
 def flag(key: str) -> str:
@@ -208,9 +239,6 @@ def flag(key: str) -> str:
 def _choice(key, value, valid):
     if value not in valid:
         raise ValueError(f"{flag(key)} {value!r} is not valid; choose one of {sorted(valid)}")
-
-
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
 
 
 def _coerce(key: str, value, typ):
@@ -267,20 +295,65 @@ def normalise(values: dict) -> dict:
     return out
 
 
-def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Apply `values` on top of `base` (defaults); unknown keys raise with a suggestion."""
-    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    types = {f.name: _TYPES[f.type] for f in fields(TrainConfig)}
-    for key, value in normalise(values).items():
-        if key not in types:
-            near = difflib.get_close_matches(key, list(types), n=1)
+def _shared_types() -> dict[str, type]:
+    return {f.name: _TYPES[f.type] for f in fields(TrainConfig) if f.name != "options"}
+
+
+def from_dict(values: dict, base: TrainConfig | None = None, stored: bool = False) -> TrainConfig:
+    """Apply `values` on top of `base` (defaults). The family (from `values`, else the base's)
+    decides which keys exist besides the shared ones; an unknown key raises with a suggestion, a
+    key of another family names that family. `stored`: values read from a run's stored config,
+    where an older unifusion kept every family's keys in one flat mapping: keys of other families
+    (which that run ignored) are dropped, and the family's `upgrade_stored` hook may rename values."""
+    from . import models
+    from .models.options import option_type
+    values = normalise(values)
+    cfg = copy.deepcopy(base) if base is not None else TrainConfig()
+    family = str(values.get("family", cfg.family))
+    if family != cfg.family or type(cfg.options) is not options_class(family):
+        previous = dataclasses.asdict(cfg.options)
+        cfg.family = family
+        opts = options_class(family)()
+        for f in fields(opts):  # an option both families have keeps its value
+            if f.name in previous:
+                setattr(opts, f.name, previous[f.name])
+        cfg.options = opts
+    if stored:
+        try:
+            values = models.registry.get(family).upgrade_stored(dict(values))
+        except ValueError:
+            pass  # an unknown family: validate() says so
+    shared = _shared_types()
+    own = {f.name: option_type(f) for f in fields(cfg.options)}
+    for key, value in values.items():
+        if key in shared:
+            value = _coerce(key, compile_mode(value) if key == "compile" else value, shared[key])
+            if shared[key] is dict:  # arguments merge into the base's
+                value = {**getattr(cfg, key), **value}
+            setattr(cfg, key, value)
+        elif key in own:
+            setattr(cfg.options, key, _coerce(key, value, own[key]))
+        elif stored and _known_key(key):
+            continue  # another family's key in an older flat config: that run never used it
+        else:
+            owners = [n for n in models.registry.owner_of(key) if n != family]
+            if owners:
+                raise ValueError(f"{flag(key)} is an option of --family {' / '.join(owners)}, not of --family "
+                                 f"{family}; drop it, or train that family")
+            near = difflib.get_close_matches(key, list(shared) + list(own), n=1)
             hint = f"; did you mean {flag(near[0])}?" if near else "; see unifusion train --help"
             raise ValueError(f"unknown config key {flag(key)}{hint}")
-        value = _coerce(key, value, types[key])
-        if types[key] is dict:  # arguments merge into the base's
-            value = {**getattr(cfg, key), **value}
-        setattr(cfg, key, value)
     return cfg.validate()
+
+
+def _known_key(key: str) -> bool:
+    from . import models
+    return bool(models.registry.owner_of(key)) or key in LEGACY_KEYS
+
+
+# keys an older unifusion stored for every run, whatever its family
+LEGACY_KEYS = {"objective", "teacher", "student_steps", "distance", "cm_steps", "teacher_solver", "dequantization",
+               "ode_tol", "ode_steps", "kl_weight", "rec_loss", "perceptual_weight", "disc_weight", "disc_start"}
 
 
 def read_yaml(path: str) -> dict:
@@ -302,42 +375,66 @@ def read_yaml(path: str) -> dict:
 def load(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- YAML file (if any) <- overrides."""
     values = read_yaml(path) if path else {}
-    cfg = from_dict(values)
-    return from_dict(overrides or {}, cfg)
+    return from_dict({**values, **(overrides or {})})
 
 
-def unsafe_changes(cfg: TrainConfig, stored: dict, keys=None) -> list[str]:
+def stored_config(stored: dict) -> TrainConfig:
+    """A run's stored config (config.json or a checkpoint's) as today's TrainConfig."""
+    return from_dict(stored, stored=True)
+
+
+def unsafe_changes(cfg: TrainConfig, stored: dict | TrainConfig, keys=None) -> list[str]:
     """The keys (of `keys`, default all) where cfg differs from a stored run's config and that a
     resumed run may not change (not in RESUME_SAFE)."""
-    return sorted(k for k in (keys if keys is not None else cfg.to_dict())
-                  if k not in RESUME_SAFE and stored.get(k) != getattr(cfg, k))
+    before = (stored if isinstance(stored, TrainConfig) else stored_config(stored)).to_dict()
+    now = cfg.to_dict()
+    return sorted(k for k in (keys if keys is not None else now)
+                  if k in now and k not in RESUME_SAFE and before.get(k) != now[k])
 
 
 def resumed(stored: dict, given: dict) -> TrainConfig:
     """The stored config of a run with the given keys applied; only RESUME_SAFE keys may change."""
-    base = from_dict({k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}})
+    base = stored_config(stored)
     changed = from_dict(given, base)
-    differ = unsafe_changes(changed, base.to_dict(), normalise(given))
+    differ = unsafe_changes(changed, base, normalise(given))
     if differ:
+        before = base.to_dict()
         raise ValueError(f"--resume continues the stored run, whose {', '.join(flag(k) for k in differ)} "
-                         f"cannot change (stored: {', '.join(repr(getattr(base, k)) for k in differ)}); "
+                         f"cannot change (stored: {', '.join(repr(before[k]) for k in differ)}); "
                          f"only {', '.join(flag(k) for k in sorted(RESUME_SAFE - {'resume', 'overwrite'}))} may; "
                          "start a new run in another --out instead")
     return dataclasses.replace(changed, resume=True)
 
 
-def help_text() -> str:
-    """Every key with type, default and description, grouped (for `unifusion train --help`)."""
+def help_text(family: str | None = None) -> str:
+    """Every key with type, default and description (for `unifusion train --help`): the shared
+    keys by group, then the families' own options (only `family`'s when it is given), each under
+    the family that declares it; a family extending another's command line (the students'
+    --objective under --family diffusion) is shown with it."""
+    from . import models
+
+    def entry(f):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return (f"  {flag(f.name):<22} {_type_name(f):<5} (default {default!r})\n"
+                f"  {'':<22} {f.metadata['help']}")
     lines = []
     for group in GROUPS:
         lines.append(f"{group}:")
-        for f in fields(TrainConfig):
-            if f.metadata["group"] != group:
+        lines += [entry(f) for f in fields(TrainConfig) if f.metadata.get("group") == group]
+    for name in ([family] if family else models.registry.names()):
+        if models.registry.get(name).extends and not family:
+            continue  # listed with the family it extends
+        for cls in models.registry.chain(name):
+            if cls.options is None:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else {}
-            lines.append(f"  {flag(f.name):<22} {f.type:<5} (default {default!r})\n"
-                         f"  {'':<22} {f.metadata['help']}")
+            lines.append(f"family {name}:" if cls.family == name else
+                         f"family {name}, options of the {cls.family} family (it extends {name}):")
+            lines += [entry(f) for f in fields(cls.options)]
     return "\n".join(lines)
+
+
+def _type_name(f) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
 
 
 def save(cfg: TrainConfig, path: Path) -> None:
@@ -349,11 +446,14 @@ def data_options(cfg: TrainConfig) -> dict:
     """The options of streamed image sources (folders, WebDataset tar shards), passed only there."""
     from .data.couplings import is_couplings
     if is_couplings(cfg.data) or not (Path(cfg.data).is_dir() or ".tar" in str(cfg.data)):
-        if cfg.image_size or cfg.channels or cfg.skip_corrupt:
-            raise ValueError("--image-size / --channels / --skip-corrupt apply only to image folders and tar "
-                             f"shards, and --data {cfg.data!r} is neither")
+        if cfg.image_size or cfg.channels or cfg.skip_corrupt or cfg.keep_size or cfg.max_area:
+            raise ValueError("--image-size / --channels / --skip-corrupt / --keep-size / --max-area apply only to "
+                             f"image folders and tar shards, and --data {cfg.data!r} is neither")
         return {}
-    return {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
+    out = {"image_size": cfg.image_size or None, "channels": cfg.channels or None, "skip_corrupt": cfg.skip_corrupt}
+    if cfg.keep_size or cfg.max_area:  # only then, so the options of fixed-size runs stay as they were
+        out.update({"keep_size": True, "max_area": cfg.max_area or None})
+    return out
 
 
 # ------------------------------------------------------------------------------ the model spec
@@ -368,24 +468,12 @@ def latent_data(cfg: TrainConfig, source) -> dict:
             "latents": str(Path(cfg.data).expanduser().resolve())}
 
 
-def latent_network_args(preset: str, shape) -> dict:
-    """A denoiser preset fitted to latents of `shape` (c, h, w): in_channels = c (UNet, DiT) and
-    input_size = h (DiT's fixed patch grid); explicit --network.X arguments still win."""
-    import inspect
-
-    from . import networks
-    if preset not in networks.PRESETS:
-        return {}
-    takes = inspect.signature(networks.PRESETS[preset][0].__init__).parameters
-    fitted = {"in_channels": int(shape[0]), "input_size": int(shape[-1])} if len(shape) == 3 else {}
-    return {k: v for k, v in fitted.items() if k in takes}
-
-
 def model_spec(cfg: TrainConfig, source):
-    """The ModelSpec a config trains on this data source."""
-    from . import networks
+    """The ModelSpec a config trains on this data source: the generic data record and how the run
+    was started, then the family's own spec_from_config (models.registry.for_config picks it)."""
+    from . import models
     from .data import levels
-    from .models import ModelSpec, flows
+    from .models.io import check_same_shape, read_spec
     data_range = [-1.0, 1.0] if getattr(source, "kind", "image") in ("image", "vector") else None
     data = {"kind": "pixel", "shape": list(source.shape), "range": data_range, "levels": levels(source),
             "source": str(cfg.data), "options": data_options(cfg)}
@@ -398,55 +486,24 @@ def model_spec(cfg: TrainConfig, source):
     if couplings:
         made["couplings"] = {"folder": str(cfg.data), "teacher": source.index.get("teacher"),
                              "sampler": source.index.get("sampler")}
+        _check_couplings_shape(cfg, source)
     if cfg.init_from:
         made["init_from"] = str(cfg.init_from)
-    if made:  # couplings, teachers and initial weights come from a model of this data's shape
-        from .models.fewstep import check_made_from
-        check_made_from(cfg, source)
-    if cfg.family == "autoencoder":  # an encoder/decoder (+ discriminator); no process, no noise levels
-        from .models.autoencoder import autoencoder_spec
-        return autoencoder_spec(cfg, source, data, made)
-    if cfg.family in flows.COUPLING_FAMILIES:  # an invertible network; no process, no noise levels
-        arch = flows.COUPLING_FAMILIES[cfg.family].architecture
-        return ModelSpec(family=cfg.family, network=networks.describe_flow(arch, source.shape, **cfg.network_args),
-                         process=None, parametrization=None, grid=None, data=data,
-                         training={"dequantization": cfg.dequantization, **({"made_from": made} if made else {})}
-                         ).validate()
-    process = processes.get(cfg.process, **cfg.process_args)
-    net_args = dict(cfg.network_args)
-    if data["kind"] == "latent":  # the autoencoder decides the channels: the preset follows them
-        net_args = {**latent_network_args(cfg.network, source.shape), **net_args}
-    if cfg.grad_checkpointing:
-        net_args["gradient_checkpointing"] = True
-    param_kwargs = {"sigma_data": cfg.sigma_data} if cfg.parametrization == "edm" else {}
-    density_kwargs = dict(cfg.density_args)
-    if cfg.noise_density == "logit_normal" and cfg.shift != 1:
-        density_kwargs.setdefault("shift", cfg.shift)
-    densities.make(cfg.noise_density, process, **density_kwargs)  # unknown arguments fail here, before step 0
-    grid = {"name": cfg.grid, "kwargs": {}}
-    if cfg.shift != 1 and cfg.grid in ("native", "sd3"):
-        grid = {"name": "sd3", "kwargs": {"shift": cfg.shift}}
-    lo, hi = process.sigma_range()
-    # a process whose time starts at sigma = 0 (flow) samples down to EDM's 0.002
-    sigma_min = cfg.sigma_min or (lo if lo > 0 else 0.002)
-    sigma_max = cfg.sigma_max or hi
-    num_classes = source.num_classes if cfg.class_conditional and cfg.family == "diffusion" else 0
-    conditioning = ({"kind": "class", "num_classes": num_classes, "drop": cfg.cond_drop,
-                     "class_names": source.class_names} if num_classes else {"kind": "none"})
-    training = {"noise_density": {"name": cfg.noise_density, "kwargs": density_kwargs},
-                "weighting": cfg.weighting, "sigma_data": cfg.sigma_data}
-    if cfg.family == "cnf":
-        training = {"dequantization": cfg.dequantization, "ode_tol": cfg.ode_tol, "ode_steps": cfg.ode_steps}
-    if made:
-        training["made_from"] = made
-    spec = ModelSpec(
-        family=cfg.family, network=networks.describe(cfg.network, **net_args),
-        process={"name": cfg.process, "kwargs": process.kwargs()},
-        parametrization={"name": cfg.parametrization, "kwargs": param_kwargs},
-        sigma_min=float(sigma_min), sigma_max=float(sigma_max), grid=grid, conditioning=conditioning,
-        data=data, training=training,
-    ).validate()
-    if cfg.objective != "denoise":  # a few-step student of this denoiser: its family, grid and recipe
-        from .models.fewstep import student_spec
-        return student_spec(cfg, source, spec)
-    return spec
+        check_same_shape(read_spec(cfg.init_from, "--init-from"), source.shape, f"--init-from {cfg.init_from}",
+                         str(cfg.data))
+    family = models.registry.for_config(cfg.family, cfg.options)
+    return family.spec_from_config(cfg, source, data, made)
+
+
+def _check_couplings_shape(cfg: TrainConfig, source) -> None:
+    """Couplings stand for the data their teacher was trained on: its shape must be theirs."""
+    ref = getattr(source, "reference", None)
+    if ref and ref[0] and getattr(source, "kind", None) != "latent":
+        from . import data as datasets
+        try:
+            shape = tuple(datasets.load(ref[0], **(ref[1] or {})).shape)
+        except (ValueError, OSError):
+            shape = None  # the teacher's data moved: nothing to compare against (training does not need it)
+        if shape is not None and shape != tuple(source.shape):
+            raise ValueError(f"--data {cfg.data} holds couplings of shape {tuple(source.shape)}, but they stand for "
+                             f"{ref[0]} of shape {shape}: couplings from a model of another shape")

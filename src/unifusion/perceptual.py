@@ -28,7 +28,7 @@ _CACHE: dict[tuple[str, str], nn.Sequential] = {}
 
 def _network(shape: tuple[int, ...], device: torch.device) -> nn.Sequential:
     """The frozen conv body of the shipped classifier for images of `shape`, on `device`."""
-    from .evaluation import features as fx
+    from .networks import classifiers as fx
 
     if len(shape) == 3 and shape == (1, 8, 8):
         kind = "digits"

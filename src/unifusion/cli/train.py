@@ -25,11 +25,17 @@ def overrides(tokens: list[str]) -> dict:
     return out
 
 
-def resolve(tokens: list[str]) -> C.TrainConfig:
-    """Defaults <- YAML <- flags; with --resume, the run's stored config <- the (safe) flags."""
+def resolve(tokens: list[str], defaults: dict | None = None, command: str | None = None) -> C.TrainConfig:
+    """defaults <- YAML <- flags; with --resume, the run's stored config <- the (safe) flags (the
+    defaults are not applied again: they would undo a stored --steps). A `command` that trains one
+    family (`unifusion autoencoder train`, `unifusion encoder train`) refuses another --family."""
     config_path = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
     given = {**(C.read_yaml(config_path) if config_path else {}), **overrides(tokens)}
-    cfg = C.from_dict(given)
+    family = (defaults or {}).get("family")
+    if command and str(given.get("family", family)) != family:
+        raise ValueError(f"`unifusion {command}` trains --family {family}, not {given['family']}; use `unifusion "
+                         "train` for other families")
+    cfg = C.from_dict({**(defaults or {}), **given})
     if not cfg.resume:
         return cfg
     from ..training import run_dir
@@ -47,6 +53,7 @@ def run_train(tokens: list[str]) -> int:
         print(f"interrupted; checkpoint saved to {res['checkpoint']}. Continue with: "
               f"unifusion train --out {cfg.out} --resume")
         return EXIT_INTERRUPTED
+    samples = res["samples"] or "none (this family does not generate)"
     print(f"done. outputs in {res['out']}:\n  model:        {res['model']}\n  checkpoint:   {res['checkpoint']}"
-          f"\n  samples:      {res['samples']}\n  loss curve:   {res['loss_curve']}\n  log:          {res['log']}")
+          f"\n  samples:      {samples}\n  loss curve:   {res['loss_curve']}\n  log:          {res['log']}")
     return 0

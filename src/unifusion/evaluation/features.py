@@ -13,8 +13,6 @@ Weights are read with safetensors only; pickled checkpoints (.pt/.pth) are refus
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -22,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DIGITS_WEIGHTS = Path(__file__).with_name("digits_classifier.safetensors")
-SHAPES_WEIGHTS = Path(__file__).with_name("shapes_classifier.safetensors")
+from ..networks.classifiers import (DIGITS_WEIGHTS, SHAPES_HEADS, SHAPES_WEIGHTS, DigitsClassifier,  # noqa: F401
+                                    ShapesClassifier, _load_safetensors, load_digits_classifier,
+                                    load_shapes_classifier)
 
 
 @runtime_checkable
@@ -41,56 +40,6 @@ def extract(extractor: FeatureExtractor, x, batch_size: int = 256) -> np.ndarray
     x = torch.as_tensor(x)
     out = [extractor(x[s:s + batch_size]).double().cpu() for s in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()
-
-
-def _check_images(x: Tensor, channels: int, where: str) -> Tensor:
-    """x if it is (N, channels, H, W), else a ValueError naming `where` (data.check_images)."""
-    from ..data.images import check_images
-
-    return check_images(x, channels, where)
-
-
-def _load_safetensors(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """State dict and metadata of a safetensors file; pickled checkpoints are refused with the
-    one-line conversion (safeio.read_safetensors)."""
-    from ..safeio import read_safetensors
-
-    return read_safetensors(path, with_metadata=True)
-
-
-# ------------------------------------------------------------------------------- digits
-class DigitsClassifier(nn.Module):
-    """Small CNN for 8x8x1 digits; the 128-d penultimate activations are the features."""
-
-    feature_dim = 128
-
-    def __init__(self, num_classes: int = 10, dropout: float = 0.3):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),   # (N, 32, 8, 8)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),  # (N, 64, 8, 8)
-            nn.MaxPool2d(2),                             # (N, 64, 4, 4)
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),  # (N, 64, 4, 4)
-            nn.MaxPool2d(2),                             # (N, 64, 2, 2)
-            nn.Flatten(),                                # (N, 256)
-            nn.Linear(256, self.feature_dim), nn.ReLU(),  # (N, 128): the features
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.feature_dim, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """(N, 1, 8, 8) in [-1, 1] -> (N, 128). Inputs are clamped to [-1, 1] first, as samples
-        are before they are written out, so overshooting samples are scored as they would be saved."""
-        _check_images(x, 1, "DigitsClassifier")
-        if x.shape[-2:] != (8, 8):
-            raise ValueError(f"DigitsClassifier expects 8x8 images, got {tuple(x.shape[-2:])}")
-        return self.body(x.float().clamp(-1, 1))
-
-    def logits(self, x: Tensor) -> Tensor:
-        """(N, 1, 8, 8) -> (N, 10) class logits."""
-        return self.head(self.dropout(self.features(x)))
-
-    forward = logits
 
 
 class ClassifierFeatures:
@@ -120,15 +69,6 @@ class DigitsFeatures(ClassifierFeatures):
     dim = DigitsClassifier.feature_dim
 
 
-def load_digits_classifier(path=DIGITS_WEIGHTS) -> tuple[DigitsClassifier, dict]:
-    """The shipped (or a given) digits classifier in eval mode, and its training metadata."""
-    state, meta = _load_safetensors(path)
-    net = DigitsClassifier()
-    net.load_state_dict(state, strict=True)
-    info = json.loads(meta.get("unifusion", "{}"))
-    return net.eval(), info
-
-
 def digits_features(path=DIGITS_WEIGHTS) -> DigitsFeatures:
     """The 128-d digits feature extractor with the shipped weights."""
     net, info = load_digits_classifier(path)
@@ -149,75 +89,11 @@ def digits_accuracy(x: Tensor, y: Tensor, extractor: DigitsFeatures | None = Non
 
 
 # ------------------------------------------------------------------------------- shapes
-SHAPES_HEADS = {"shape": 3, "colour": 8, "size": 2, "count": 3, "class": 24}  # of the main object; count 1..3
-
-
-class ShapesClassifier(nn.Module):
-    """Small CNN for the procedural `shapes` images (3, H, W): heads for the main object's
-    shape, colour, size, the object count and the class (shape x colour); the 128-d penultimate
-    activations are the features.
-
-    Images are first box-resampled to 32x32 (a 64x64 shapes image becomes, up to rounding, its
-    32x32 rendering), because size is relative to the image: a conv net with global pooling sees
-    pixels, and trained on both resolutions it confused a small object at 64 with a large one at
-    32 (size 64% and count 61% right at 64x64). FID on shapes-64 is thus measured at 32x32, as
-    Inception measures every resolution at 299x299. `body` is fully convolutional, so the
-    perceptual distance runs it at the native resolution."""
-
-    feature_dim = 128
-    input_size = 32
-
-    def __init__(self, dropout: float = 0.2):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),      # (N, 32, H, W)
-            nn.MaxPool2d(2),                                                    # (N, 32, H/2, W/2)
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),     # (N, 64, H/2, W/2)
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),     # (N, 64, H/2, W/2)
-            nn.MaxPool2d(2),                                                    # (N, 64, H/4, W/4)
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),   # (N, 128, H/4, W/4)
-            nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),  # (N, 128, H/4, W/4)
-        )
-        self.project = nn.Sequential(nn.Linear(256, self.feature_dim), nn.ReLU())  # [avg, max] pool -> features
-        self.dropout = nn.Dropout(dropout)
-        self.heads = nn.ModuleDict({k: nn.Linear(self.feature_dim, n) for k, n in SHAPES_HEADS.items()})
-
-    def features(self, x: Tensor) -> Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, 128); inputs are clamped to [-1, 1] first, as samples
-        are before they are written out."""
-        _check_images(x, 3, "ShapesClassifier")
-        if min(x.shape[-2:]) < 16:
-            raise ValueError(f"ShapesClassifier expects images of at least 16x16, got {tuple(x.shape[-2:])}")
-        x = x.float().clamp(-1, 1)
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
-        h = self.body(x)
-        return self.project(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
-
-    def logits(self, x: Tensor) -> dict[str, Tensor]:
-        """(N, 3, H, W) -> {head: (N, classes)} for the heads in SHAPES_HEADS."""
-        f = self.dropout(self.features(x))
-        return {k: head(f) for k, head in self.heads.items()}
-
-    forward = logits
-
-
 class ShapesFeatures(ClassifierFeatures):
     """The shipped ShapesClassifier's penultimate layer; logits {head: (N, classes)}."""
 
     name = "shapes-cnn"
     dim = ShapesClassifier.feature_dim
-
-
-def load_shapes_classifier(path=SHAPES_WEIGHTS) -> tuple[ShapesClassifier, dict]:
-    """The shipped (or a given) shapes classifier in eval mode, and its training metadata."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no shapes classifier at {path}; train it with "
-                                f"`python benchmarks/train_shapes_classifier.py`")
-    state, meta = _load_safetensors(path)
-    net = ShapesClassifier()
-    net.load_state_dict(state, strict=True)
-    return net.eval(), json.loads(meta.get("unifusion", "{}"))
 
 
 def shapes_features(path=SHAPES_WEIGHTS) -> ShapesFeatures:

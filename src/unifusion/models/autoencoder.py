@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from ..networks.autoencoder import (
     discriminator_layers,
 )
 from .base import Model
+from .options import option
 from .spec import ModelSpec
 
 REC_LOSSES = ("l1", "l2")
@@ -156,10 +158,38 @@ def _hinge(real: Tensor, fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1 - real).flatten(1).mean(1) + F.relu(1 + fake).flatten(1).mean(1))
 
 
+@dataclass
+class AutoencoderOptions:
+    kl_weight: float = option(1e-6, "weight of KL(q(z|x) || N(0, I)) per pixel (LDM's 1e-6)", minimum=0)
+    rec_loss: str = option("l1", "reconstruction loss, l1 | l2 (mean over pixels)", choices=REC_LOSSES)
+    perceptual_weight: float = option(0.0, "weight of the perceptual distance (unifusion.perceptual)", minimum=0)
+    disc_weight: float = option(0.0, "weight of the patch discriminator's hinge-GAN term (0 = no discriminator)",
+                                minimum=0)
+    disc_start: int = option(0, "training step at which the discriminator switches on", minimum=0)
+
+
 class AutoencoderModel(Model, LatentCodec):
     """The autoencoder family (module docstring)."""
 
     family = "autoencoder"
+    options = AutoencoderOptions
+    scores = "reconstructions"  # `unifusion eval`: PSNR, SSIM, rFID (evaluation/reconstruction.py)
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        if cfg.network != "auto" and not cfg.network.startswith("ae-"):
+            raise ValueError(f"--family autoencoder takes an autoencoder preset (ae-f4, ae-f8), not --network "
+                             f"{cfg.network}")
+
+    @classmethod
+    def upgrade_stored(cls, values: dict) -> dict:
+        if values.get("network") == "unet-digits":  # the flat config's default, which meant ae-f4
+            values["network"] = "auto"
+        return values
+
+    @classmethod
+    def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
+        return autoencoder_spec(cfg, source, data, made)
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -318,24 +348,24 @@ def _perceptual():
 
 # ------------------------------------------------------------------------------ spec from a config
 def autoencoder_spec(cfg, source, data: dict, made: dict) -> ModelSpec:
-    """The spec `unifusion train --family autoencoder` trains (config.model_spec calls this): the
-    preset (ae-f4 unless --network names another ae- preset) with image_channels from the data,
-    the loss weights, and the discriminator when --disc-weight > 0."""
-    from ..config import DEFAULT_NETWORK
+    """The spec `unifusion train --family autoencoder` trains: the preset (ae-f4 unless --network
+    names another ae- preset) with image_channels from the data, the loss weights, and the
+    discriminator when --disc-weight > 0."""
+    o = cfg.options
     shape = tuple(source.shape)
     if getattr(source, "kind", "image") != "image" or len(shape) != 3 or shape[1] != shape[2]:
         raise ValueError(f"the autoencoder family trains on square images (C, H, H) in [-1, 1]; --data {cfg.data} "
                          f"holds {getattr(source, 'kind', '?')} examples of shape {shape}")
-    preset = "ae-f4" if cfg.network == DEFAULT_NETWORK else cfg.network
+    preset = "ae-f4" if cfg.network == "auto" else cfg.network
     network = networks.describe(preset, **{"image_channels": shape[0], **cfg.network_args})
     if network["class"] not in AUTOENCODER_NETWORKS:
         raise ValueError(f"--family autoencoder takes an autoencoder preset (ae-f4, ae-f8), not --network {preset}")
     disc = None
-    if cfg.disc_weight > 0:
+    if o.disc_weight > 0:
         disc = networks.check_description({"class": "PatchDiscriminator", "kwargs": {
             "in_channels": shape[0], "base_channels": 32, "n_layers": discriminator_layers(shape[1])}})
-    training = {"kl_weight": cfg.kl_weight, "rec_loss": cfg.rec_loss, "perceptual_weight": cfg.perceptual_weight,
-                "disc_weight": cfg.disc_weight, "disc_start": cfg.disc_start, "passes_per_step": cfg.grad_accum,
+    training = {"kl_weight": o.kl_weight, "rec_loss": o.rec_loss, "perceptual_weight": o.perceptual_weight,
+                "disc_weight": o.disc_weight, "disc_start": o.disc_start, "passes_per_step": cfg.grad_accum,
                 "discriminator": disc, "sigma_data": cfg.sigma_data}
     if made:
         training["made_from"] = made
@@ -378,28 +408,60 @@ def training_source(spec: ModelSpec):
     return datasets.load(spec.data["source"], **(spec.data.get("options") or {}))
 
 
+def check_stats_out(out: Path, weights: dict, ema: dict | None, overwrite: bool) -> None:
+    """`out` may receive a model folder of these weights: it is new or empty, or already a model
+    folder of exactly these weights (the same statistics written again); anything else (another
+    model, older weights, other files) only with `overwrite`, and never a file."""
+    from ..safeio import tensors_digest
+    from . import io
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give the model folder to write")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    what = "files that are not a model folder"
+    if (out / io.SPEC_FILE).is_file() and (out / io.WEIGHTS_FILE).is_file():
+        try:
+            _, have, have_ema, _ = io.read(out)
+        except (ValueError, OSError):
+            have = None
+        same_ema = (have_ema is None) == (ema is None) and (ema is None or tensors_digest(have_ema) == tensors_digest(ema))
+        if have is not None and same_ema and tensors_digest(have) == tensors_digest(weights):
+            return
+        what = "a model folder with other weights"
+    raise ValueError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite to replace its "
+                     "model files")
+
+
 def write_latent_statistics(path: str | Path, out: str | Path | None = None, n: int = STATS_N,
-                            progress: bool = True) -> tuple[Path, dict]:
+                            progress: bool = True, overwrite: bool = False) -> tuple[Path, dict]:
     """Measure the latent statistics of an autoencoder (a model folder, run or checkpoint; its EMA
     weights) and write them into a model folder's spec: the given model folder itself, else `out`
-    (a new model folder with the raw and EMA weights). Returns (folder, statistics)."""
+    (a model folder with the raw and EMA weights, checked by check_stats_out before anything is
+    measured). Returns (folder, statistics)."""
     from . import build, io
     spec, weights, ema, info = io.read(path)
     if spec.family != "autoencoder":
         raise ValueError(f"{path} is a {spec.family} model, not an autoencoder")
+    src = Path(info["where"])
+    if out is not None and (src / io.SPEC_FILE).is_file() and Path(out).resolve() == src.resolve():
+        out = None  # --out is the model folder itself: updated in place
+    if out is None and not (src / io.SPEC_FILE).is_file():
+        raise ValueError(f"{path} is not a model folder: give --out for the model folder to write")
+    if out is not None:
+        check_stats_out(Path(out), weights, ema, overwrite)
     model = build(spec)
     io.load_weights(model, ema if ema is not None else weights, info["where"])
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     stats = measure_latent_statistics(model, training_source(spec), n, float(spec.training["sigma_data"]),
                                       progress=progress)
     spec.training["latent"] = stats
-    src = Path(info["where"])
-    if out is None and (src / io.SPEC_FILE).is_file():
-        return io.save_spec(src, spec), stats
     if out is None:
-        raise ValueError(f"{path} is not a model folder: give --out for the model folder to write")
+        return io.save_spec(src, spec), stats
     raw = build(spec)
     io.load_weights(raw, weights, info["where"])
+    if overwrite:  # what was there goes, the spec first: a half-written folder is never a model
+        for name in (io.SPEC_FILE, io.EMA_FILE, io.WEIGHTS_FILE):
+            (Path(out) / name).unlink(missing_ok=True)
     return io.save(raw, out, ema) / io.SPEC_FILE, stats
 
 

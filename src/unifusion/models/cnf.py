@@ -18,19 +18,44 @@ likelihood.py; the loss is in bits/dim.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import likelihood
-from .diffusion import LIKELIHOOD_SIGMA_MAX, DiffusionModel
+from .diffusion import LIKELIHOOD_SIGMA_MAX, DiffusionModel, denoiser_spec
 from .flows import check_dequantization, dequantization, dequantize_batch, to_bits
+from .options import option
 from .spec import ModelSpec
+
+
+@dataclass
+class CNFOptions:
+    dequantization: str = option("uniform", "discrete data: uniform dequantization (the cnf's only kind; "
+                                            "variational is the coupling flows')")
+    ode_tol: float = option(1e-3, "RK45 tolerance of the training solve", positive=True)
+    ode_steps: int = option(0, "fixed RK4 steps of the training solve instead (0 = adaptive RK45)", minimum=0)
 
 
 class CNFModel(DiffusionModel):
     family = "cnf"
+    options = CNFOptions
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        super().check_options(cfg)
+        if cfg.options.dequantization != "uniform":
+            raise ValueError(f"--dequantization {cfg.options.dequantization!r}: the cnf family dequantizes uniformly; "
+                             "variational is for the coupling flows (--family flow-nice, flow-realnvp, flow-glow)")
+
+    @classmethod
+    def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
+        o = cfg.options  # unconditional: labels in the data are ignored
+        return denoiser_spec(cfg, source, data, made, family=cls.family, conditional=False,
+                             training={"dequantization": o.dequantization, "ode_tol": o.ode_tol,
+                                       "ode_steps": o.ode_steps})
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

@@ -7,9 +7,13 @@ A conditioning module is an nn.Module (its weights are saved with the model) wit
     drop(cond, mask) -> dict          cond with the rows where mask is True set to null (CFG training)
     default(seeds) -> dict | None     the cond used when sampling without one (class: seed % K)
 
-The null entry and the dropout live here and nowhere else. A text encoder plugs in as another
-kind: net_kwargs returns {"emb": pooled (B, D), "context": tokens (B, L, D)} for networks that
-take cross-attention context, and its cond holds token ids or strings.
+    prepare(cond, device) -> dict     cond made ready for many calls (text: captions encoded once)
+
+The null entry and the dropout live here and nowhere else. Text (TextConditioning) holds
+captions, cond = {"caption": [str] * B}: a frozen text encoder (models/text_encoders.py, never in
+state_dict) turns each caption into tokens (B, L, width), their mask and a pooled vector, cached
+per caption so a caption is encoded once per process, not once per step; the network gets
+{"emb": MLP(pooled), "context": tokens, "context_mask": mask}; the null caption is "" (BOS EOS).
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ class NoConditioning(nn.Module):
     def default(self, seeds: list[int]) -> dict | None:
         return None
 
+    def prepare(self, cond: dict | None, device=None) -> dict:
+        return cond or {}
+
 
 class ClassConditioning(nn.Module):
     """Class labels 0..K-1 and the null label K, as rows of one table added to the noise
@@ -60,15 +67,29 @@ class ClassConditioning(nn.Module):
         y = torch.as_tensor(y, device=device)
         if y.shape != (batch,) or y.is_floating_point():
             raise ValueError(f"class labels y must be integers of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
-        # the range check reads values (a sync, and a graph break under torch.compile): eager code only;
-        # the trainer runs it on the first batch before compiling, and sources know their label count
-        if y.numel() and not torch.compiler.is_compiling() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-            raise ValueError(f"class labels must lie in 0..{self.num_classes - 1} ({self.num_classes} is the "
-                             f"null label), got {int(y.min())}..{int(y.max())}")
+        # the range check reads values (a device sync, and a graph break under torch.compile), so it runs on
+        # the host once: at this module's first eager call (the trainer's check of its first batch, before any
+        # compile) and in prepare (every sampling call's labels); net_kwargs handles the rest on the device
+        if not self.__dict__.get("_checked") and not torch.compiler.is_compiling():
+            self.check(y)
+            self.__dict__["_checked"] = True
         return y.long()
 
+    def check(self, y: Tensor) -> None:
+        """ValueError unless every label lies in 0..K (K the null label): one host read."""
+        if y.numel():
+            lo, hi = torch.stack(torch.aminmax(y.long())).tolist()
+            if lo < 0 or hi > self.num_classes:
+                raise ValueError(f"class labels must lie in 0..{self.num_classes - 1} ({self.num_classes} is the "
+                                 f"null label), got {lo}..{hi}")
+
     def net_kwargs(self, cond: dict | None, batch: int) -> dict:
-        return {"emb": self.table(self.labels(cond, batch, self.table.weight.device))}
+        y = self.labels(cond, batch, self.table.weight.device)
+        # no host read per call: a label outside 0..K (not the one checked) looks up a clamped row that is
+        # then set to NaN, so it shows as a non-finite loss (a skipped, counted bad step) or sample, and never
+        # indexes out of the table (a device-side assert on CUDA)
+        idx = y.clamp(0, self.num_classes)
+        return {"emb": torch.where((idx == y)[:, None], self.table(idx), float("nan"))}
 
     def null(self, batch: int, device=None) -> dict:
         return {"y": torch.full((batch,), self.num_classes, dtype=torch.long, device=device)}
@@ -80,6 +101,96 @@ class ClassConditioning(nn.Module):
     def default(self, seeds: list[int]) -> dict:
         return {"y": torch.tensor([s % self.num_classes for s in seeds], dtype=torch.long)}
 
+    def prepare(self, cond: dict | None, device=None) -> dict:
+        """cond on the device, its labels range-checked (one host read before many denoiser calls)."""
+        cond = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
+        if cond.get("y") is not None:
+            self.check(torch.as_tensor(cond["y"]))
+        return cond
+
+
+class TextConditioning(nn.Module):
+    """Captions through a frozen text encoder (module docstring). `record` is the encoder's
+    describe() stored in the spec; it is loaded on first use and checked by digest."""
+
+    kind = "text"
+    ENCODED = ("context", "context_mask", "pooled")  # the keys of a prepared (encoded) cond
+    CACHE_LIMIT = 200_000  # captions kept encoded in memory (the cache is cleared when full)
+
+    def __init__(self, record: dict, dim: int, drop: float = 0.1):
+        super().__init__()
+        if not 0 <= drop <= 1:
+            raise ValueError(f"caption dropout must be in [0, 1], got {drop}")
+        self.record, self.p_drop, self.num_classes = dict(record), drop, 0
+        d = int(record["pooled_dim"])
+        # pooled text -> the network's embedding, added to the noise embedding (SD3 / SDXL's pooled path)
+        self.pooled = nn.Sequential(nn.Linear(d, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.__dict__["_encoder"] = None  # not a submodule: frozen, outside state_dict / optimizer / DDP
+        self.__dict__["_cache"] = {}
+
+    def encoder(self):
+        enc = self.__dict__["_encoder"]
+        if enc is None:
+            from .text_encoders import check_text_encoder, load_text_encoder
+            enc = load_text_encoder(self.record["path"], device=self.pooled[0].weight.device)
+            check_text_encoder(enc, self.record)
+            self.__dict__["_encoder"] = enc
+        return enc
+
+    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B, L, width), mask (B, L), pooled (B, pooled_dim)) of captions, each encoded once."""
+        cache = self.__dict__["_cache"]
+        new = sorted({c for c in captions if c not in cache})
+        if new:
+            if len(cache) + len(new) > self.CACHE_LIMIT:
+                cache.clear()
+            enc = self.encoder()
+            for s in range(0, len(new), 512):
+                part = new[s:s + 512]
+                tokens, mask, pooled = enc.encode(part)
+                for i, c in enumerate(part):
+                    cache[c] = (tokens[i], mask[i], pooled[i])
+        rows = [cache[c] for c in captions]
+        device = self.pooled[0].weight.device
+        return tuple(torch.stack([r[j] for r in rows]).to(device) for j in range(3))
+
+    def _captions(self, cond: dict | None, batch: int) -> list[str]:
+        captions = (cond or {}).get("caption")
+        if captions is None:
+            raise ValueError("this model is text-conditional: give captions (cond={'caption': [...]}, "
+                             "prompts=[...], or --prompt)")
+        if isinstance(captions, str) or len(captions) != batch or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"cond['caption'] must be a list of {batch} strings, got {type(captions).__name__} "
+                             f"of {len(captions) if hasattr(captions, '__len__') else '?'}")
+        return list(captions)
+
+    def prepare(self, cond: dict | None, device=None) -> dict:
+        """cond with its captions encoded: {"context", "context_mask", "pooled"} tensors, so that many
+        denoiser calls (a sampler) encode nothing and guidance can batch them."""
+        if cond and "context" in cond:
+            return cond
+        captions = self._captions(cond, len((cond or {}).get("caption") or []))
+        tokens, mask, pooled = self.encode(captions)
+        return {"context": tokens, "context_mask": mask, "pooled": pooled}
+
+    def net_kwargs(self, cond: dict | None, batch: int) -> dict:
+        if cond and "context" in cond:
+            tokens, mask, pooled = (cond[k] for k in self.ENCODED)
+        else:
+            tokens, mask, pooled = self.encode(self._captions(cond, batch))
+        return {"emb": self.pooled(pooled.to(self.pooled[0].weight.dtype)), "context": tokens, "context_mask": mask}
+
+    def null(self, batch: int, device=None) -> dict:
+        return {"caption": [""] * batch}
+
+    def drop(self, cond: dict, mask: Tensor) -> dict:
+        captions = self._captions(cond, len(mask))
+        return {**cond, "caption": ["" if m else c for c, m in zip(captions, mask.tolist())]}
+
+    def default(self, seeds: list[int]) -> dict:
+        raise ValueError("this model is text-conditional: sample it with prompts (prompts=[...] in Python, "
+                         "--prompt TEXT or --prompts FILE on the command line); an empty prompt is unconditional")
+
 
 def build(spec_conditioning: dict, dim: int) -> nn.Module:
     kind = spec_conditioning.get("kind", "none")
@@ -87,4 +198,6 @@ def build(spec_conditioning: dict, dim: int) -> nn.Module:
         return NoConditioning()
     if kind == "class":
         return ClassConditioning(spec_conditioning["num_classes"], dim, spec_conditioning.get("drop", 0.0))
-    raise ValueError(f"unknown conditioning kind {kind!r}; choose 'none' or 'class'")
+    if kind == "text":
+        return TextConditioning(spec_conditioning["encoder"], dim, spec_conditioning.get("drop", 0.0))
+    raise ValueError(f"unknown conditioning kind {kind!r}; choose 'none', 'class' or 'text'")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import densities, losses, networks, parametrizations, processes
 from .. import samplers as S
 from ..guidance import classifier_free
-from . import conditioning
+from . import conditioning, packing
 from .base import Model, seed_noise
 from .spec import ModelSpec
 
@@ -25,6 +25,7 @@ LIKELIHOOD_SIGMA_MAX = 1e3  # where the PF-ODE prior N(0, sigma^2 I) stands in f
 
 class DiffusionModel(Model):
     family = "diffusion"
+    options = packing.PackingOptions  # --pack-tokens (models/packing.py)
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -41,6 +42,25 @@ class DiffusionModel(Model):
     @classmethod
     def check_spec(cls, spec: ModelSpec) -> None:
         spec.check_denoiser_fields()
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        if cfg.network.startswith("ae-"):
+            raise ValueError(f"--network {cfg.network} is an autoencoder; train it with --family autoencoder "
+                             "(`unifusion autoencoder train`)")
+        packing.check_options(cfg)
+
+    @classmethod
+    def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
+        return packing.with_packing(denoiser_spec(cfg, source, data, made, family=cls.family), cfg, source)
+
+    def data_source(self, source):
+        if self.cond.kind == "text":  # captions in the items
+            from ..data.source import captioned
+            source = captioned(source)
+        if "packing" in (self.spec.training or {}):  # token-budget batches of slots (data/packing.py)
+            source = packing.packed_source(self, source)
+        return source
 
     # ------------------------------------------------------------------ the denoiser
     def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
@@ -72,6 +92,8 @@ class DiffusionModel(Model):
             drop = batch.get("drop", draws.get("drop"))
             if drop is not None:
                 cond = self.cond.drop(cond, drop)
+        if "size" in batch:  # a packed batch of variable-size images (models/packing.py)
+            return packing.packed_loss(self, batch, sigma, noise, cond)
         return losses.denoising_loss(self.denoise, x0, sigma, self.weight, noise=noise, **cond)
 
     # ------------------------------------------------------------------ sampling
@@ -80,7 +102,8 @@ class DiffusionModel(Model):
                grid=None, sigma_min: float | None = None, sigma_max: float | None = None,
                batch_size: int = 256, generator_seed: int = 0, progress: bool = False,
                return_cond: bool = False, grid_options: dict | None = None, temperature: float = 1.0,
-               decode: bool = True, **options):
+               decode: bool = True, prompts: list[str] | None = None, size: tuple[int, int] | None = None,
+               **options):
         """Samples in data space, one per seed (default seeds 0..n-1).
 
         The starting noise of sample i is unit noise from its own generator seeded with seeds[i]
@@ -91,8 +114,23 @@ class DiffusionModel(Model):
         scales the starting noise (1: the model's own distribution).
         With return_cond=True returns (x, cond). decode=False returns a latent model's latents
         (normalised, undecoded; e.g. for couplings in latent space) instead of images.
+        prompts: a text-conditional model's captions, one per seed (or one for all); "" is the
+        null caption (unconditional).
+        size: (height, width) in data pixels, for a transformer (any multiple of its patch; latent models: of
+        patch x the autoencoder factor); None: the trained size (several: the most frequent).
         """
         seeds = self._seeds(n, seeds, noise)
+        shape = packing.sample_shape(self, size) if size is not None or "sizes" in self.spec.data else self.spec.shape
+        if prompts is not None:
+            if self.cond.kind != "text":
+                raise ValueError("prompts need a text-conditional model (trained with --text-encoder); this one is "
+                                 + ("class-conditional: use --label" if self.cond.kind == "class" else "unconditional"))
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if len(prompts) == 1:
+                prompts = prompts * len(seeds)
+            if len(prompts) != len(seeds):
+                raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per seed")
+            cond = {"caption": prompts}
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         lo, hi = self.spec.sigma_range()
@@ -107,6 +145,8 @@ class DiffusionModel(Model):
         grid = grid if grid is not None else self.spec.grid["name"]
         grid_options = grid_options if grid_options is not None else (
             self.spec.grid["kwargs"] if isinstance(grid, str) and grid == self.spec.grid["name"] else {})
+        if math.isinf(sigma_max):  # the first step is D at sigma = inf: a parametrization without a limit there
+            parametrizations.limit_at_infinity(self.param, self.process)  # is one clear error, not NaN samples
         if cfg != 1 and self.cond.kind == "none":
             raise ValueError(f"--cfg {cfg} needs a conditional model; this one is unconditional")
         if cond is None:
@@ -117,10 +157,11 @@ class DiffusionModel(Model):
         for start in tqdm(chunks, desc="sample", unit="batch", disable=not progress or len(chunks) < 2):
             chunk = seeds[start:start + batch_size]
             z = (noise[start:start + len(chunk)].to(torch.float32) if noise is not None
-                 else seed_noise(self.spec.shape, chunk))
+                 else seed_noise(shape, chunk))
             z = z.to(device) * (temperature * (1.0 if math.isinf(sigma_max) else sigma_max))
-            c = {k: v[start:start + len(chunk)].to(device) for k, v in (cond or {}).items()}
-            den = self.denoise if cfg == 1 else classifier_free(self.denoise, cfg, self.cond.null(len(chunk), device))
+            c = self.cond.prepare({k: v[start:start + len(chunk)] for k, v in (cond or {}).items()}, device)
+            null = self.cond.prepare(self.cond.null(len(chunk), device), device) if cfg != 1 else None
+            den = self.denoise if cfg == 1 else classifier_free(self.denoise, cfg, null)
             gen = torch.Generator(device=device).manual_seed(generator_seed + start)
             x = S.sample(den, z, sampler, nfe=nfe, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
                          grid=grid, generator=gen, cond=c, process=self.process, grid_options=grid_options,
@@ -166,6 +207,75 @@ class DiffusionModel(Model):
         lp, nfe = log_likelihood(den, x.double(), lo, min(hi, LIKELIHOOD_SIGMA_MAX), cond=cond,
                                  divergence=divergence, probes=probes, rtol=rtol, atol=atol, generator=generator)
         return (lp, nfe) if return_nfe else lp
+
+
+# ---------------------------------------------------------------------- spec from a config
+def denoiser_spec(cfg, source, data: dict, made: dict, family: str, conditional: bool = True,
+                  training: dict | None = None) -> ModelSpec:
+    """The spec of a denoiser family (diffusion; cnf and the students build on it): the network
+    (--network auto follows the data, networks.default_preset; on latents a preset follows their
+    channels), process, parametrization, sampling range and grid, conditioning (class labels when
+    `conditional`, the data has them and --class-conditional), and the training recipe (noise
+    density and weighting unless `training` is given)."""
+    process = processes.get(cfg.process, **cfg.process_args)
+    preset, net_args = cfg.network, {}
+    if preset == "auto":
+        preset, net_args = networks.default_preset(source.shape)
+    elif data["kind"] == "latent":  # the autoencoder decides the channels: the preset follows them
+        net_args = networks.fitted_args(preset, source.shape)
+    text = text_conditioning(cfg, source, conditional) if cfg.text_encoder else None
+    if text is not None:  # the network attends to the encoder's tokens
+        if "context_dim" not in networks.describe(preset)["kwargs"]:
+            raise ValueError(f"--network {preset} ({networks.describe(preset)['class']}) cannot attend to text; with "
+                             "--text-encoder use a UNet preset (cross-attention) or mmdit-s (SD3's joint attention)")
+        net_args["context_dim"] = text["encoder"]["width"]
+    net_args.update(cfg.network_args)
+    if cfg.grad_checkpointing:
+        net_args["gradient_checkpointing"] = True
+    param_kwargs = {"sigma_data": cfg.sigma_data} if cfg.parametrization == "edm" else {}
+    density_kwargs = dict(cfg.density_args)
+    if cfg.noise_density == "logit_normal" and cfg.shift != 1:
+        density_kwargs.setdefault("shift", cfg.shift)
+    densities.make(cfg.noise_density, process, **density_kwargs)  # unknown arguments fail here, before step 0
+    grid = {"name": cfg.grid, "kwargs": {}}
+    if cfg.shift != 1 and cfg.grid in ("native", "sd3"):
+        grid = {"name": "sd3", "kwargs": {"shift": cfg.shift}}
+    lo, hi = process.sigma_range()
+    # a process whose time starts at sigma = 0 (flow) samples down to EDM's 0.002
+    sigma_min = cfg.sigma_min or (lo if lo > 0 else 0.002)
+    sigma_max = cfg.sigma_max or hi
+    num_classes = source.num_classes if cfg.class_conditional and conditional and text is None else 0
+    conditioning = text or ({"kind": "class", "num_classes": num_classes, "drop": cfg.cond_drop,
+                             "class_names": source.class_names} if num_classes else {"kind": "none"})
+    if training is None:
+        training = {"noise_density": {"name": cfg.noise_density, "kwargs": density_kwargs},
+                    "weighting": cfg.weighting, "sigma_data": cfg.sigma_data}
+    if made:
+        training = {**training, "made_from": made}
+    return ModelSpec(
+        family=family, network=networks.describe(preset, **net_args),
+        process={"name": cfg.process, "kwargs": process.kwargs()},
+        parametrization={"name": cfg.parametrization, "kwargs": param_kwargs},
+        sigma_min=float(sigma_min), sigma_max=float(sigma_max), grid=grid, conditioning=conditioning,
+        data=data, training=training,
+    ).validate()
+
+
+PREVIEW_PROMPTS = 8  # captions of the preview grids of a text-conditional run (one row each)
+
+
+def text_conditioning(cfg, source, conditional: bool) -> dict:
+    """spec.conditioning of a run with --text-encoder: the frozen encoder's record (path, digest,
+    feature sizes), caption dropout, and the first distinct training captions for the previews."""
+    from ..data.source import caption_list
+    from .text_encoders import load_text_encoder
+    if not conditional:
+        raise ValueError(f"--family {cfg.family} is unconditional: drop --text-encoder")
+    captions = caption_list(source, 2000, what=f"--data {cfg.data}")
+    enc = load_text_encoder(cfg.text_encoder)
+    previews = list(dict.fromkeys(c for c in captions if c))[:PREVIEW_PROMPTS]
+    enc.encode(previews[:1] or [""])  # a broken encoder fails here, before step 0
+    return {"kind": "text", "drop": cfg.cond_drop, "encoder": enc.describe(), "preview_prompts": previews}
 
 
 # ---------------------------------------------------------------------- data space

@@ -51,6 +51,7 @@ training step and checkpoints carry, so a resumed run continues the curriculum e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,7 +59,9 @@ from torch import Tensor
 from .. import parametrizations
 from ..parametrizations import _bc
 from ..samplers import grids
-from .diffusion import DiffusionModel
+from .diffusion import DiffusionModel, denoiser_spec
+from .io import check_same_shape, read_spec
+from .options import option
 from .spec import ModelSpec
 
 OBJECTIVES = ("distill", "progressive", "cd", "ict")
@@ -183,8 +186,39 @@ def ict_interval_probs(levels: Tensor, p_mean: float = ICT["p_mean"], p_std: flo
 
 
 # ------------------------------------------------------------------------------ the family
+@dataclass
+class StudentOptions:
+    """The few-step keys; they join `--family diffusion`'s command line (StudentModel.extends)."""
+    objective: str = option("denoise", "what the model learns: denoise (the diffusion / flow-matching loss) | distill "
+                                       "(onto couplings: --data from `unifusion couple`) | progressive (halve a "
+                                       "--teacher's Euler steps) | cd (consistency distillation of a --teacher) | ict "
+                                       "(improved consistency training): few-step students, see models/fewstep.py",
+                            choices=("denoise",) + OBJECTIVES)
+    teacher: str = option("", "progressive, cd: the teacher (a run, checkpoint or model folder)")
+    student_steps: int = option(0, "distill: the student's steps K (0 = 1); progressive: K, where the teacher takes 2K "
+                                   "(0 = half a distilled teacher's steps)", minimum=0)
+    distance: str = option("auto", "few-step objectives: l2 | pseudo_huber | perceptual (auto = pseudo_huber for cd "
+                                   "and ict, l2 otherwise)", choices=("auto",) + DISTANCES)
+    cm_steps: int = option(18, "cd: the discretisation's N (karras, rho 7)", minimum=2)
+    teacher_solver: str = option("heun", "cd: the teacher's ODE step, euler | heun", choices=TEACHER_SOLVERS)
+
+
 class StudentModel(DiffusionModel):
     family = "student"
+    options = StudentOptions
+    extends = "diffusion"  # --objective X under --family diffusion trains a student
+
+    @classmethod
+    def selected_by(cls, options) -> bool:
+        return options.objective != "denoise"
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        check_options(cfg)
+
+    @classmethod
+    def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
+        return student_spec(cfg, source, denoiser_spec(cfg, source, data, made, family="diffusion"))
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -358,37 +392,46 @@ class StudentModel(DiffusionModel):
 
 
 # ------------------------------------------------------------------------------ specs
-def read_spec(path, what: str) -> ModelSpec:
-    """The spec of a run, checkpoint or model folder, with `what` (the flag) named in any error."""
-    from .io import read
-    try:
-        return read(path)[0]
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{what} {path}: {e}") from None
-
-
-def check_same_shape(spec: ModelSpec, shape: tuple, what: str, data: str) -> None:
-    """Couplings and teachers must come from a model of the student's data shape."""
-    if tuple(spec.shape) != tuple(shape):
-        raise ValueError(f"{what} is a model of data shape {tuple(spec.shape)}, but --data {data} holds "
-                         f"{tuple(shape)}: couplings and teachers must come from a model of the same shape")
-
-
 def check_teacher(teacher: ModelSpec, student: ModelSpec, path) -> None:
     """A teacher is a denoiser (no consistency model, no coupling flow) of the student's shape
     whose conditioning the student can use."""
-    from . import FAMILIES
-    if not hasattr(FAMILIES.get(teacher.family), "denoise") or \
+    from . import registry
+    if not hasattr(registry.FAMILIES.get(teacher.family), "denoise") or \
             (teacher.training or {}).get("objective", {}).get("name") in ("cd", "ict"):
         raise ValueError(f"--teacher {path} is a {teacher.family} model"
                          + (f" ({teacher.training['objective']['name']})" if teacher.family == "student" else "")
                          + "; a teacher must be a denoiser whose ODE steps mean something: a diffusion or flow model, "
                            "a cnf, or a distill/progressive student")
     check_same_shape(teacher, student.shape, f"--teacher {path}", student.data.get("source"))
+    check_same_latent_space(teacher, student, path)
     if student.num_classes and teacher.num_classes != student.num_classes:
         raise ValueError(f"the student is conditional on {student.num_classes} classes but --teacher {path} "
                          f"{'is unconditional' if not teacher.num_classes else f'has {teacher.num_classes}'}; "
                          "use a teacher trained on the same labels, or train with --class-conditional false")
+
+
+def check_same_latent_space(teacher: ModelSpec, student: ModelSpec, path) -> None:
+    """A teacher and its student denoise in one space: both on pixels, or both on the latents of the
+    same autoencoder (its weights by digest, and its normalisation); a latent shape can match by
+    chance, so the shape check alone lets another autoencoder's teacher through."""
+    t, s = teacher.data.get("kind") == "latent", student.data.get("kind") == "latent"
+    if t != s:
+        data = student.data.get("latents") or student.data.get("source")
+        raise ValueError(f"--teacher {path} is a {'latent' if t else 'pixel'} model, but the student trains on "
+                         f"{'latents' if s else 'pixels'} (--data {data}); a teacher must denoise the student's "
+                         "data space")
+    if not t:
+        return
+    a, b = teacher.data.get("autoencoder") or {}, student.data.get("autoencoder") or {}
+    da, db = str(a.get("digest", "")), str(b.get("digest", ""))
+    same = bool(da and db) and (da.startswith(db) or db.startswith(da))
+    if same and all(a.get(k) is None or b.get(k) is None or
+                    all(abs(x - y) <= 1e-9 + 1e-6 * abs(y) for x, y in zip(a[k], b[k])) for k in ("shift", "scale")):
+        return
+    raise ValueError(f"--teacher {path} works in the latent space of autoencoder {a.get('path')} (digest {da[:16]}), "
+                     f"but these latents come from {b.get('path')} (digest {db[:16]})"
+                     + ("" if da != db else " with other latent statistics") + "; use a teacher trained on latents of "
+                     "the same autoencoder, or encode the data with the teacher's autoencoder")
 
 
 def resolve_distance(name: str, objective: str) -> str:
@@ -399,11 +442,12 @@ def resolve_distance(name: str, objective: str) -> str:
 
 
 def student_spec(cfg, source, base: ModelSpec) -> ModelSpec:
-    """The student's spec from the diffusion spec `base` that config.model_spec built from cfg:
+    """The student's spec from the denoiser spec `base` of the same config (diffusion.denoiser_spec):
     family "student", its own grid and sampling default, and how it was made."""
     import dataclasses
-    name, data = cfg.objective, str(cfg.data)
-    dist = resolve_distance(cfg.distance, name)
+    o = cfg.options
+    name, data = o.objective, str(cfg.data)
+    dist = resolve_distance(o.distance, name)
     check_distance(dist, base.shape)
     lo, hi = base.sigma_range()
     obj: dict = {"name": name, "distance": dist}
@@ -414,27 +458,27 @@ def student_spec(cfg, source, base: ModelSpec) -> ModelSpec:
             if "noise" not in source[0]:
                 raise ValueError(f"--objective distill trains on couplings from `unifusion couple`; --data {data} "
                                  "has no noise")
-            k = cfg.student_steps or 1
+            k = o.student_steps or 1
             levels = step_levels(base, k)
             obj.update(steps=k)
         else:
-            tspec = read_spec(cfg.teacher, "--teacher")
-            check_teacher(tspec, base, cfg.teacher)
+            tspec = read_spec(o.teacher, "--teacher")
+            check_teacher(tspec, base, o.teacher)
             if tspec.grid["name"] == "levels":  # a distilled teacher: halve its steps
                 kt = len(tspec.grid["kwargs"]["sigmas"])
-                if kt % 2 or (cfg.student_steps and 2 * cfg.student_steps != kt):
-                    raise ValueError(f"--teacher {cfg.teacher} takes {kt} steps; a progressive student takes half "
+                if kt % 2 or (o.student_steps and 2 * o.student_steps != kt):
+                    raise ValueError(f"--teacher {o.teacher} takes {kt} steps; a progressive student takes half "
                                      + ("(an odd count cannot be halved)" if kt % 2 else f"({kt // 2}), not "
-                                                                                          f"--student-steps {cfg.student_steps}"))
+                                                                                          f"--student-steps {o.student_steps}"))
                 k = kt // 2
-            elif not cfg.student_steps:
-                raise ValueError(f"--teacher {cfg.teacher} is not a distilled student: pass --student-steps K (the "
+            elif not o.student_steps:
+                raise ValueError(f"--teacher {o.teacher} is not a distilled student: pass --student-steps K (the "
                                  "student takes K Euler steps where the teacher takes 2K)")
             else:
-                k = cfg.student_steps
+                k = o.student_steps
             tlevels = step_levels(tspec, 2 * k)
             levels = tlevels[0::2]
-            obj.update(steps=k, teacher={"path": str(cfg.teacher), "family": tspec.family, "sampler": "euler",
+            obj.update(steps=k, teacher={"path": str(o.teacher), "family": tspec.family, "sampler": "euler",
                                          "steps": 2 * k, "levels": encode_levels(tlevels)},
                        weighting="max(1, 1/sigma^2)")
         if math.isinf(float(levels[0])):
@@ -452,11 +496,11 @@ def student_spec(cfg, source, base: ModelSpec) -> ModelSpec:
             raise ValueError(f"--objective {name} trains a consistency model on a finite discretisation: pass "
                              "--sigma-max (e.g. 80) or use --process edm")
         if name == "cd":
-            tspec = read_spec(cfg.teacher, "--teacher")
-            check_teacher(tspec, base, cfg.teacher)
-            n = cfg.cm_steps
-            obj.update(teacher={"path": str(cfg.teacher), "family": tspec.family, "solver": cfg.teacher_solver},
-                       solver=cfg.teacher_solver, target="online network, stop-gradient",
+            tspec = read_spec(o.teacher, "--teacher")
+            check_teacher(tspec, base, o.teacher)
+            n = o.cm_steps
+            obj.update(teacher={"path": str(o.teacher), "family": tspec.family, "solver": o.teacher_solver},
+                       solver=o.teacher_solver, target="online network, stop-gradient",
                        weighting="1/(sigma - sigma_next)")
         else:
             n = ict_steps(cfg.steps - 1, cfg.steps)
@@ -487,38 +531,30 @@ def check_preview(cfg, spec: ModelSpec) -> None:
 
 
 # ------------------------------------------------------------------------------ config checks
-def check_config(cfg) -> None:
-    """The few-step keys of a TrainConfig (config.validate calls this; files are checked later, in
-    config.model_spec). A student's preview grids default to its own sampler (the run's default
-    dpmpp_2m at 20 calls is more than a few-step student's grid has)."""
-    def choice(key, value, valid):
-        if value not in valid:
-            raise ValueError(f"--{key.replace('_', '-')} {value!r} is not valid; choose one of {list(valid)}")
-    choice("objective", cfg.objective, ("denoise",) + OBJECTIVES)
-    choice("distance", cfg.distance, ("auto",) + DISTANCES)
-    choice("teacher_solver", cfg.teacher_solver, TEACHER_SOLVERS)
-    if cfg.student_steps < 0:
-        raise ValueError(f"--student-steps must be >= 0, got {cfg.student_steps}")
-    if cfg.cm_steps < 2:
-        raise ValueError(f"--cm-steps must be >= 2 (a discretisation needs two levels), got {cfg.cm_steps}")
-    name = cfg.objective
+def check_options(cfg) -> None:
+    """The few-step keys of a run of --family diffusion (StudentModel.check_options; files are
+    checked later, in spec_from_config). A student's preview grids default to its own sampler (the
+    run's default dpmpp_2m at 20 calls is more than a few-step student's grid has)."""
+    o = cfg.options
+    name = o.objective
+    if cfg.family == "student" and name == "denoise":
+        raise ValueError("--family student trains a few-step student: give --objective distill, progressive, cd or "
+                         "ict (or train --family diffusion)")
     consistency = cfg.parametrization == "consistency"
     if name == "denoise":
         if consistency:
             raise ValueError("--parametrization consistency is the consistency objectives' (--objective cd or ict): "
                              "its 1/c_out^2 denoising weight is infinite at sigma_min")
-        if cfg.teacher:
+        if o.teacher:
             raise ValueError("--teacher is for --objective progressive or cd")
         return
-    if cfg.family != "diffusion":
-        raise ValueError(f"--objective {name} trains a denoiser student: use --family diffusion, not {cfg.family}")
     if cfg.reflow:
         raise ValueError(f"--reflow trains a rectified flow on couplings with the denoising loss; drop it for "
                          f"--objective {name}" + (" (which trains on the couplings' noise already)"
                                                   if name == "distill" else ""))
-    if name in ("progressive", "cd") and not cfg.teacher:
+    if name in ("progressive", "cd") and not o.teacher:
         raise ValueError(f"--objective {name} distils a teacher: pass --teacher RUN (a run, checkpoint or model folder)")
-    if name in ("distill", "ict") and cfg.teacher:
+    if name in ("distill", "ict") and o.teacher:
         raise ValueError(f"--objective {name} has no --teacher" + (": it learns from couplings made by the teacher "
                          "(`unifusion couple`)" if name == "distill" else ": consistency training needs none"))
     if name in ("cd", "ict") and cfg.parametrization not in ("edm", "consistency"):
@@ -530,29 +566,11 @@ def check_config(cfg) -> None:
     if name == "ict" and cfg.init_from:
         raise ValueError("--objective ict trains from scratch (consistency training); drop --init-from, or distil a "
                          "teacher with --objective cd --init-from TEACHER")
-    if name in ("cd", "ict") and cfg.student_steps:
+    if name in ("cd", "ict") and o.student_steps:
         raise ValueError("--student-steps is for --objective distill or progressive; cd and ict use --cm-steps / "
                          "their curriculum")
     from .spec import DEFAULT_SAMPLING
     if (cfg.sample_sampler, cfg.sample_nfe) == DEFAULT_SAMPLING:
         cfg.sample_sampler, cfg.sample_nfe = (
-            ("euler", cfg.student_steps or 1) if name in ("distill", "progressive") else
-            ("consistency", min(DEFAULT_CONSISTENCY_NFE, cfg.cm_steps - 1) if name == "cd" else DEFAULT_CONSISTENCY_NFE))
-
-
-def check_made_from(cfg, source) -> None:
-    """Couplings and initial weights from a model of the data's shape: the couplings' shape
-    against the data they stand for (the teacher's), and --init-from's against the data."""
-    ref = getattr(source, "reference", None)
-    if ref and ref[0] and getattr(source, "kind", None) != "latent":
-        from .. import data as datasets
-        try:
-            shape = tuple(datasets.load(ref[0], **(ref[1] or {})).shape)
-        except (ValueError, OSError):
-            shape = None  # the teacher's data moved: nothing to compare against (training does not need it)
-        if shape is not None and shape != tuple(source.shape):
-            raise ValueError(f"--data {cfg.data} holds couplings of shape {tuple(source.shape)}, but they stand for "
-                             f"{ref[0]} of shape {shape}: couplings from a model of another shape")
-    if cfg.init_from:
-        check_same_shape(read_spec(cfg.init_from, "--init-from"), source.shape, f"--init-from {cfg.init_from}",
-                         str(cfg.data))
+            ("euler", o.student_steps or 1) if name in ("distill", "progressive") else
+            ("consistency", min(DEFAULT_CONSISTENCY_NFE, o.cm_steps - 1) if name == "cd" else DEFAULT_CONSISTENCY_NFE))

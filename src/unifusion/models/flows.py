@@ -26,6 +26,7 @@ temperature T; its starting noise depends on the seed alone, like every family's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import likelihood, networks
 from ..networks.invertible import VariationalDequantizer
 from .base import Model, seed_noise
+from .options import option
 from .spec import ModelSpec
 
 DEQUANTIZATIONS = ("uniform", "variational")
@@ -70,12 +72,43 @@ def to_bits(nll_nats: Tensor, dim: int) -> Tensor:
     return nll_nats / (dim * math.log(2))
 
 
+@dataclass
+class FlowOptions:
+    dequantization: str = option("uniform", "discrete data: uniform | variational (a learned conditional flow "
+                                            "q(u | x), Flow++)", choices=DEQUANTIZATIONS)
+
+
 class CouplingFlowModel(Model):
     """A coupling flow family (module docstring); `architecture` names its network class."""
 
     family = "flow"
     architecture = ""
     one_pass = True
+    options = FlowOptions
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        if cfg.network != "auto":
+            raise ValueError(f"--network picks a denoiser preset; --family {cls.family} has its own invertible "
+                             f"network ({cls.architecture}): set its arguments with --network.NAME VALUE (e.g. "
+                             "--network.hidden 64)")
+        if cfg.reflow:
+            raise ValueError(f"--reflow trains a rectified flow (a denoiser) on couplings; --family {cls.family} is a "
+                             "coupling flow trained by maximum likelihood on data: drop --reflow, or train --family "
+                             "diffusion --process flow --parametrization velocity")
+
+    @classmethod
+    def upgrade_stored(cls, values: dict) -> dict:
+        if values.get("network") == "unet-digits":  # the flat config's default, never used by a coupling flow
+            values["network"] = "auto"
+        return values
+
+    @classmethod
+    def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
+        training = {"dequantization": cfg.options.dequantization, **({"made_from": made} if made else {})}
+        return ModelSpec(family=cls.family, network=networks.describe_flow(cls.architecture, source.shape,
+                                                                           **cfg.network_args),
+                         process=None, parametrization=None, grid=None, data=data, training=training).validate()
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

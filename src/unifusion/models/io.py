@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import safeio
-from ..training import checkpoint
+from .. import checkpoint
 from .spec import ModelSpec
 
 SPEC_FILE, WEIGHTS_FILE, EMA_FILE = "spec.json", "weights.safetensors", "ema.safetensors"
@@ -27,6 +27,8 @@ def save(model, folder: str | Path, ema: dict[str, Tensor] | None = None) -> Pat
     if ema is not None:
         own = model.state_dict()
         safeio.save_safetensors({k: v for k, v in ema.items() if k in own}, out / EMA_FILE)
+    for name, text in model.extra_files().items():  # e.g. a text encoder's tokenizer.json
+        safeio.atomic_write(out / name, text)
     safeio.atomic_write(out / SPEC_FILE, model.spec.to_json() + "\n")
     return out
 
@@ -63,6 +65,33 @@ def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tens
         raise ValueError(f"checkpoint {p} has no model weights (model.safetensors)")
     ema = {k: v for k, v in tensors["ema"].items() if not k.startswith(_EMA_BOOKKEEPING)} if "ema" in tensors else None
     return spec, tensors["model"], ema, {"step": state.get("step"), "where": str(p), "state": state}
+
+
+def read_spec(path, what: str) -> ModelSpec:
+    """The spec of a run, checkpoint or model folder, with `what` (the flag) named in any error."""
+    try:
+        return read(path)[0]
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{what} {path}: {e}") from None
+
+
+def check_same_shape(spec: ModelSpec, shape: tuple, what: str, data: str) -> None:
+    """Couplings, teachers and initial weights must come from a model of the data's shape."""
+    if tuple(spec.shape) != tuple(shape):
+        raise ValueError(f"{what} is a model of data shape {tuple(spec.shape)}, but --data {data} holds "
+                         f"{tuple(shape)}: couplings and teachers must come from a model of the same shape")
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder a model path belongs to: a run stays itself, a checkpoint folder
+    (<run>/checkpoints/step-N) or a file in one gives <run>. Outputs derived from a model go next
+    to the run, never inside a checkpoint folder, which pruning may delete."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if p.name.startswith("step-") and p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p.parent if p.name == "checkpoints" else p
 
 
 def load_weights(model, weights: dict[str, Tensor], where: str) -> None:

@@ -13,6 +13,8 @@ is read to load it (no preset names, no code paths in strings). The spec holds
     sigma_min, sigma_max   default sampling range (None: the process's own range; inf: pure noise)
     grid            {"name": default grid ("native": the process's own), "kwargs": ...}
     conditioning    {"kind": "none"} | {"kind": "class", "num_classes", "drop", "class_names"}
+                    | {"kind": "text", "drop", "encoder": the frozen text encoder's describe() (kind, path, digest,
+                       width, pooled_dim, context_length), "preview_prompts": [captions of the preview grids]}
     data            {"kind": "pixel", "shape": [C, H, W] | [D], "range": [-1, 1], "levels": L | null}
                     (levels: discrete data on L levels, dequantized by the likelihood families)
                     | {"kind": "latent", "shape": [c, h, w] (one latent), "range": null, "levels": null,
@@ -39,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPEC_VERSION = 1
-CONDITIONING_KINDS = ("none", "class")
+CONDITIONING_KINDS = ("none", "class", "text")
+TEXT_ENCODER_FIELDS = ("kind", "path", "digest", "width", "pooled_dim", "context_length")
 DATA_KINDS = ("pixel", "latent")
 
 
@@ -91,17 +94,22 @@ class ModelSpec:
     def validate(self) -> "ModelSpec":
         """Every name known and every argument accepted; raises ValueError naming the field. The
         fields every family shares are checked here, the rest by the family's check_spec."""
-        from . import FAMILIES
+        from . import registry
         if self.version > SPEC_VERSION:
             raise ValueError(f"spec version {self.version} is newer than this unifusion reads ({SPEC_VERSION}); upgrade")
-        if self.family not in FAMILIES:
-            raise ValueError(f"spec family {self.family!r} is unknown; choose one of {sorted(FAMILIES)}")
+        family = registry.get(self.family)  # an unknown name says how to register it
         kind = self.conditioning.get("kind")
         if kind not in CONDITIONING_KINDS:
             raise ValueError(f"spec conditioning kind {kind!r} is unknown; choose one of {list(CONDITIONING_KINDS)}")
         if kind == "class" and not (isinstance(self.conditioning.get("num_classes"), int)
                                     and self.conditioning["num_classes"] >= 1):
             raise ValueError("spec conditioning 'class' needs num_classes >= 1")
+        if kind == "text":
+            enc = self.conditioning.get("encoder")
+            missing = [k for k in TEXT_ENCODER_FIELDS if not isinstance(enc, dict) or k not in enc]
+            if missing:
+                raise ValueError(f"spec conditioning 'text' needs 'encoder': the text encoder's describe() with "
+                                 f"{list(TEXT_ENCODER_FIELDS)}; missing {missing}")
         if self.data.get("kind") not in DATA_KINDS:
             raise ValueError(f"spec data kind {self.data.get('kind')!r} is unknown; choose one of {list(DATA_KINDS)}")
         if not self.data.get("shape"):
@@ -111,7 +119,7 @@ class ModelSpec:
         levels = self.data.get("levels")
         if levels is not None and not (isinstance(levels, int) and levels >= 2):
             raise ValueError(f"spec data levels must be an integer >= 2 (or null for continuous data), got {levels!r}")
-        FAMILIES[self.family].check_spec(self)
+        family.check_spec(self)
         return self
 
     def check_denoiser_fields(self) -> None:

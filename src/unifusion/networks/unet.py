@@ -4,6 +4,12 @@ Encoder levels of residual blocks (optionally followed by self-attention) with a
 between levels, a middle (res, attn, res), and a mirrored decoder that consumes one encoder
 skip per residual block. The noise/class embedding enters every residual block as the
 scale/shift of its second GroupNorm (ADM's adaptive group norm).
+
+With context_dim > 0 every attention block also cross-attends to a token sequence (text
+encoder states, B x L x context_dim, with a key-padding mask), as SD 1.x's UNet does (Rombach et
+al. 2022): self-attention, then cross-attention whose output projection starts at zero. With
+context_dim = 0 (the default) the module, its state_dict and its outputs are those of the plain
+UNet, so models saved before cross-attention existed load unchanged.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, NoiseEmbedding, group_norm, maybe_checkpoint, modulate, zero_
+from .text import masked_attention
 
 UPSAMPLE_MODES = ("nearest", "pixelshuffle", "transposed")
 DOWNSAMPLE_MODES = ("conv", "avgpool")
@@ -52,17 +59,48 @@ class AttnBlock(nn.Module):
         return x + self.attn(tokens).transpose(1, 2).reshape(B, C, H, W)
 
 
-class UNetBlock(nn.Module):
-    """One residual block, followed by self-attention at the resolutions that ask for it."""
+class CrossAttnBlock(nn.Module):
+    """x + attention from the H*W positions (queries) to the context tokens (keys, values), padding
+    tokens masked out; the output projection starts at zero (SD 1.x's attn2 with a LayerNorm)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int):
+    def __init__(self, ch: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if ch % num_heads:
+            raise ValueError(f"cross-attention width {ch} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, ch // num_heads
+        self.norm = nn.LayerNorm(ch)
+        self.q = nn.Linear(ch, ch, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * ch, bias=False)
+        self.proj = zero_(nn.Linear(ch, ch))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        B, C, H, W = x.shape
+        L, h, d = context.shape[1], self.num_heads, self.head_dim
+        q = self.q(self.norm(x.flatten(2).transpose(1, 2))).reshape(B, H * W, h, d).transpose(1, 2)  # (B, h, HW, d)
+        k, v = self.kv(context).reshape(B, L, 2, h, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
+        out = masked_attention(q, k.to(q.dtype), v.to(q.dtype), mask).transpose(1, 2).reshape(B, H * W, C)
+        return x + self.proj(out).transpose(1, 2).reshape(B, C, H, W)
+
+
+class UNetBlock(nn.Module):
+    """One residual block, followed by self-attention (and cross-attention to the context when
+    context_dim > 0) at the resolutions that ask for it."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attn: bool, num_heads: int,
+                 context_dim: int = 0):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
         self.attn = AttnBlock(out_ch, num_heads) if attn else None
+        # no attribute in the state_dict without context: keys stay those of the plain UNet
+        self.cross = CrossAttnBlock(out_ch, context_dim, num_heads) if attn and context_dim else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         h = self.res(x, emb)
-        return self.attn(h) if self.attn is not None else h
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.cross is not None and context is not None:
+            h = self.cross(h, context, context_mask)
+        return h
 
 
 class Downsample(nn.Module):
@@ -131,6 +169,7 @@ class UNet(nn.Module):
         num_heads: int = 4,
         gradient_checkpointing: bool = False,
         downsample: str = "conv",
+        context_dim: int = 0,
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -142,14 +181,14 @@ class UNet(nn.Module):
             raise ValueError(f"attn_resolutions {missing} are never reached; this net's resolutions are {reachable}")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.levels, self.resolution, self.emb_dim = levels, resolution, 4 * model_channels
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.context_dim = gradient_checkpointing, context_dim
         emb_dim = 4 * model_channels  # ADM/DDPM: embedding width 4x the base width
 
         self.embed = NoiseEmbedding(emb_dim, freq_dim=model_channels)
         self.inp = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def block(cin, cout, res):
-            return UNetBlock(cin, cout, emb_dim, dropout, res in attn_resolutions, num_heads)
+            return UNetBlock(cin, cout, emb_dim, dropout, res in attn_resolutions, num_heads, context_dim)
 
         # encoder; skip_ch records the width of every activation the decoder will concatenate
         ch, res, skip_ch = model_channels, resolution, [model_channels]
@@ -166,8 +205,8 @@ class UNet(nn.Module):
 
         # middle: res + attn, res (attention always, as in DDPM/ADM: it is cheapest here)
         self.mid = nn.ModuleList([
-            UNetBlock(ch, ch, emb_dim, dropout, True, num_heads),
-            UNetBlock(ch, ch, emb_dim, dropout, False, num_heads),
+            UNetBlock(ch, ch, emb_dim, dropout, True, num_heads, context_dim),
+            UNetBlock(ch, ch, emb_dim, dropout, False, num_heads, context_dim),
         ])
 
         # decoder: one more block per level than the encoder, to consume the down-sample skips
@@ -184,25 +223,38 @@ class UNet(nn.Module):
         # zero output conv: F = 0 at init, i.e. the denoiser starts at its c_skip * x baseline
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
-    def _block(self, block: UNetBlock, h: Tensor, emb: Tensor) -> Tensor:
-        return maybe_checkpoint(self.gradient_checkpointing and self.training, block, h, emb)
+    def _block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        return maybe_checkpoint(self.gradient_checkpointing and self.training, block, h, emb, context, mask)
 
-    def forward(self, x: Tensor, c_noise: Tensor, emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, emb: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """context: (B, L, context_dim) tokens, context_mask: (B, L) bool, True on real tokens
+        (None: all real); context=None skips the cross-attention (unconditional)."""
         B, _, H, W = x.shape
         f = 2 ** (self.levels - 1)
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} must be divisible by {f} ({self.levels} levels)")
+        if context is not None:
+            if not self.context_dim:
+                raise ValueError("this UNet has no cross-attention (context_dim=0) and takes no context")
+            if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim:
+                raise ValueError(f"context must have shape ({B}, L, {self.context_dim}), got {tuple(context.shape)}")
+            if context_mask is not None and (context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool):
+                raise ValueError(f"context_mask must be bool of shape {tuple(context.shape[:2])}, "
+                                 f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+        else:
+            context_mask = None
         emb = self.embed(c_noise, emb, B)  # (B, emb_dim)
         h = self.inp(x)  # (B, model_channels, H, W)
         skips = [h]
         for m in self.enc:
-            h = m(h) if isinstance(m, Downsample) else self._block(m, h, emb)
+            h = m(h) if isinstance(m, Downsample) else self._block(m, h, emb, context, context_mask)
             skips.append(h)
         for m in self.mid:
-            h = self._block(m, h, emb)  # (B, C_last, H/f, W/f)
+            h = self._block(m, h, emb, context, context_mask)  # (B, C_last, H/f, W/f)
         for m in self.dec:
             if isinstance(m, Upsample):
                 h = m(h)
             else:
-                h = self._block(m, torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._block(m, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)  # (B, out_channels, H, W)

@@ -30,8 +30,36 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _float_pairs(shadow: dict[str, Tensor], current: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The floating shadows and the model's tensors of the same names as float32 on their devices."""
+    avgs = [t for t in shadow.values() if t.is_floating_point()]
+    thetas = [current[n].detach().to(t.device, torch.float32) for n, t in shadow.items() if t.is_floating_point()]
+    return avgs, thetas
+
+
+def _lerp_(avgs: list[Tensor], thetas: list[Tensor], weight: float) -> None:
+    """avg.lerp_(theta, weight) for every pair, in one foreach launch (the same values as per tensor)."""
+    if avgs:
+        torch._foreach_lerp_(avgs, thetas, weight)
+
+
+def _masked_lerp_(avgs: list[Tensor], thetas: list[Tensor], weight: Tensor) -> None:
+    """avg += weight * (theta - avg) with a device scalar weight, in three foreach launches (a tensor
+    weight makes _foreach_lerp_ read it on the host). Within rounding of the lerp (which fuses the
+    multiply-add); weight 0 leaves avg exactly as it was."""
+    if avgs:
+        d = torch._foreach_sub(thetas, avgs)
+        torch._foreach_mul_(d, weight)
+        torch._foreach_add_(avgs, d)
+
+
 class EMA:
-    """A float32 shadow copy of a model's parameters and floating buffers (others are copied)."""
+    """A float32 shadow copy of a model's parameters and floating buffers (others are copied).
+
+    `update` folds the weights in with one foreach launch per group. Given `ok`, a 0-dim bool tensor
+    on the device (False: the step's optimizer update was skipped), it blends with the device weight
+    ok * (1 - beta) instead, so a skipped step leaves the average exactly as it was without a host
+    read; the skipped samples are taken off `samples_seen` when it is next read (one host read)."""
 
     def __init__(self, model: nn.Module, half_life_samples: float, warmup_ratio: float = 0.0):
         if not half_life_samples > 0:
@@ -54,20 +82,46 @@ class EMA:
             return 0.0
         return 0.5 ** (batch_size / half_life)
 
+    @property
+    def samples_seen(self) -> float:
+        """Samples of the updates taken (skipped ones excluded)."""
+        if self._skipped is not None:  # masked updates since the last read
+            self._seen -= float(self._skipped)
+            self._skipped = None
+        return self._seen
+
+    @samples_seen.setter
+    def samples_seen(self, value: float) -> None:
+        self._seen, self._skipped = float(value), None
+
+    def _weight(self, batch_size: int, ok: Tensor) -> Tensor:
+        """ok * (1 - beta) as a float32 device scalar, without a host read."""
+        if self.warmup_ratio > 0 and self._skipped is not None:  # beta from the device count
+            half_life = torch.clamp((self._seen - self._skipped) * self.warmup_ratio, max=self.half_life)
+            w = 1 - torch.where(half_life > 0, 0.5 ** (batch_size / half_life), 0.0)
+        else:
+            w = 1.0 - self.beta(batch_size)
+        return (ok * w).float()
+
     @torch.no_grad()
-    def update(self, model: nn.Module, batch_size: int) -> None:
-        """Fold the model's current weights in, after a step on batch_size samples."""
-        beta = self.beta(batch_size)
+    def update(self, model: nn.Module, batch_size: int, ok: Tensor | None = None) -> None:
+        """Fold the model's current weights in, after a step on batch_size samples (`ok`: see the class)."""
         current = _named_tensors(model)
         if current.keys() != self.shadow.keys():
             raise ValueError("model does not match the EMA: parameter/buffer names differ")
+        avgs, thetas = _float_pairs(self.shadow, current)
+        if ok is None:
+            _lerp_(avgs, thetas, 1.0 - self.beta(batch_size))
+        else:
+            _masked_lerp_(avgs, thetas, self._weight(batch_size, ok))
         for name, ema in self.shadow.items():
-            theta = current[name].detach()
-            if ema.is_floating_point():
-                ema.lerp_(theta.to(ema.device, torch.float32), 1.0 - beta)
-            else:
-                ema.copy_(theta)
-        self.samples_seen += batch_size
+            if not ema.is_floating_point():
+                theta = current[name].detach().to(ema.device)
+                ema.copy_(theta if ok is None else torch.where(ok, theta, ema))
+        self._seen += batch_size
+        if ok is not None:
+            skipped = (~ok).double() * batch_size
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -175,14 +229,36 @@ class PowerEMA:
             base = {n: t.detach().float().clone() for n, t in _named_tensors(model).items() if t.is_floating_point()}
         self.shadows = [{n: t.clone() for n, t in base.items()} for _ in self.gammas]
 
+    @property
+    def steps(self) -> int:
+        """Updates taken (skipped ones excluded); after masked updates, reading it is one host read."""
+        if self._skipped is not None:
+            self._steps -= int(self._skipped)
+            self._skipped = None
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps, self._skipped = int(value), None
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.steps += 1
-        current = _named_tensors(model)
+    def update(self, model: nn.Module, ok: Tensor | None = None) -> None:
+        """Foreach launches per profile, not per tensor; `ok` (a 0-dim device bool, False for a skipped
+        step) as in EMA.update: then beta comes from the device count of the updates taken, no host read."""
+        _, thetas = _float_pairs(self.shadows[0], _named_tensors(model))  # the profiles share the names
+        self._steps += 1
+        if ok is not None:
+            skipped = (~ok).double()
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
         for gamma, shadow in zip(self.gammas, self.shadows):
-            beta = (1 - 1 / self.steps) ** (gamma + 1)  # the first update copies the weights
-            for name, avg in shadow.items():
-                avg.lerp_(current[name].detach().to(avg.device, torch.float32), 1.0 - beta)
+            avgs = list(shadow.values())
+            if self._skipped is None:  # every update taken: beta on the host
+                beta = (1 - 1 / self._steps) ** (gamma + 1)  # the first update copies the weights
+                _lerp_(avgs, thetas, 1.0 - beta)
+            else:  # clamped: while no update was taken yet, ok is False and w is 0 anyway
+                taken = torch.clamp(self._steps - self._skipped, min=1)
+                w = 1 - (1 - 1 / taken) ** (gamma + 1)
+                _masked_lerp_(avgs, thetas, (w if ok is None else ok * w).float())
 
     def snapshot(self) -> tuple[dict[str, Tensor], dict]:
         """Tensors {'<i>/<name>'} of every profile and metadata {step, gammas, sigma_rels} (strings)."""
@@ -262,3 +338,37 @@ def reconstructible_range(snapshots, at: int, max_error: float = 0.05) -> tuple[
     ok = [s for s in np.linspace(0.005, 0.28, 300)
           if posthoc_coefficients(ts, gs, at, sigma_rel_to_gamma(s))[1] <= max_error]
     return (min(ok), max(ok)) if ok else (float("nan"), float("nan"))
+
+
+# ------------------------------------------------------------------------------ post-hoc EMA of a run
+def snapshots_of(checkpoint) -> tuple:
+    """(run folder, snapshots) of the run a checkpoint path belongs to; a clear error when it has none."""
+    from ..models.io import run_folder
+    run = run_folder(checkpoint)
+    folder = run / POSTHOC_PREFIX
+    snaps = read_snapshots(folder)
+    if not snaps:
+        raise ValueError(f"{run} has no post-hoc EMA snapshots ({folder} is empty or missing): train with "
+                         "--posthoc-every K (e.g. 100) to record them")
+    return run, snaps
+
+
+def model_with(checkpoint, weights: dict):
+    """The run's model with reconstructed floating tensors over its own (integer buffers kept)."""
+    from .. import models
+    spec, raw, _, info = models.read(checkpoint)
+    model = models.build(spec)
+    merged = {**raw, **{k: v for k, v in weights.items() if k in raw}}
+    models.io.load_weights(model, merged, info["where"])
+    return model.eval()
+
+
+def parse_stds(text: str, flag: str = "--std") -> list[float]:
+    """Comma-separated relative stds, e.g. '0.05,0.10'."""
+    try:
+        stds = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: cannot read {text!r}; give relative stds, e.g. 0.05,0.10,0.15") from None
+    if not stds:
+        raise ValueError(f"{flag}: give at least one relative std, e.g. 0.10")
+    return stds

@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..safeio import fsync_path as _fsync_path
-from ..safeio import looks_like_pickle, pickle_message
+from .safeio import fsync_path as _fsync_path
+from .safeio import looks_like_pickle, pickle_message
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
