@@ -1,6 +1,8 @@
-"""Run safety: every bad-input case of benchmarks/error_table.py (exit code, one `unifusion: error:`
-line naming problem and fix), then two runs into one folder, atomic sample outputs on a full disk,
-checkpoint group names that point outside, config types and `uf.sample`'s argument checks.
+"""Run safety: every case of benchmarks/error_table.py over every command (exit code, one `unifusion:
+error:` line naming problem and fix, a refused command's folder left exactly as it was), then two
+runs into one folder, atomic sample outputs on a full disk, checkpoint group names that point
+outside, config types, `uf.sample`'s argument checks, and issue 19's cases that are not one command
+(sorted safetensors metadata, tar captions, the shard writer's first shard, calibrate's progress).
 
 The cases run in-process through `unifusion.cli.main` (a subprocess each would take about a minute
 on two cores); UNIFUSION_SUBPROCESS=1 runs them as `python -m unifusion` instead, as the script does.
@@ -17,10 +19,12 @@ import pytest
 import torch
 
 import unifusion as uf
-from benchmarks.error_table import CASES, STEP, TINY_FLAGS, make_run, run_case, screen_lines, unifusion
+from benchmarks.error_table import CASES, STEP, TINY_FLAGS, make_run, run_case, screen_lines, shared, unifusion
 from unifusion import cli
+from unifusion import data
 from unifusion import config as C
-from unifusion.training import checkpoint, run_dir
+from unifusion import checkpoint
+from unifusion.training import run_dir
 
 SUBPROCESS = os.environ.get("UNIFUSION_SUBPROCESS") == "1"
 
@@ -169,3 +173,74 @@ def test_sample_refuses_a_grid_that_is_not_decreasing(grid):
     with pytest.raises(ValueError, match="strictly decreasing"):
         uf.sample(denoiser, torch.randn(4, 2), sampler="euler", grid=torch.tensor(grid), sigma_max=max(grid))
     assert not calls  # refused before any denoiser call
+
+
+# --------------------------------------------------------------------------- issue 19: beyond the table
+def _header(path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def test_safetensors_metadata_is_written_in_sorted_order(tmp_path, tiny_run):
+    """Post-hoc snapshots (and every file with metadata) are byte-deterministic: safetensors keeps
+    metadata in a hash map whose order changes per process, so the keys are sorted on write."""
+    from unifusion.safeio import save_safetensors
+    meta = {k: str(i) for i, k in enumerate(["zeta", "alpha", "mid", "gammas", "step", "beta", "omega", "kappa"])}
+    save_safetensors({"x": torch.arange(3.0)}, tmp_path / "a.safetensors", meta)
+    assert list(_header(tmp_path / "a.safetensors")["__metadata__"]) == sorted(meta)
+    from unifusion.safeio import read_safetensors
+    tensors, read = read_safetensors(tmp_path / "a.safetensors", with_metadata=True)
+    assert read == meta and torch.equal(tensors["x"], torch.arange(3.0))
+    snaps = sorted((shared(tiny_run, "posthoc") / "posthoc").glob("step-*.safetensors"))
+    assert snaps and all(list(_header(p)["__metadata__"]) == sorted(_header(p)["__metadata__"]) for p in snaps)
+
+
+def test_encode_takes_tar_captions_from_txt_members(tmp_path, tiny_run):
+    """Tar shards with a .txt for some samples: their captions are stored, "" for the others."""
+    digits = data.load("digits-train")
+
+    class Captioned(data.ArrayDataset):
+        def captions(self, indices):
+            return [f"digit {int(self.y[i])}" if i % 3 else None for i in indices]
+
+    data.write_shards(Captioned(digits.x[:40], digits.y[:40], 10), tmp_path / "tars", per_shard=16)
+    ae = shared(tiny_run, "ae")
+    assert cli.main(["encode", "--autoencoder", str(ae), "--data", str(tmp_path / "tars"), "--per-shard", "16",
+                     "--out", str(tmp_path / "lat")]) == 0
+    lat = data.load(str(tmp_path / "lat"))
+    assert lat.captions(range(40)) == [f"digit {int(digits.y[i])}" if i % 3 else "" for i in range(40)]
+
+
+def test_a_failing_first_shard_writes_nothing(tmp_path):
+    """The shard writer makes the first shard before it creates the folder or its index."""
+    from unifusion.data import couplings
+
+    def draw(seeds):
+        x = torch.zeros(len(seeds), 2)
+        x[1] = float("nan")
+        return {"noise": torch.zeros(len(seeds), 2), "x0": x}
+
+    header = {"teacher": {"digest": "0"}, "shape": [2], "num_classes": 0}
+    with pytest.raises(ValueError, match=r"seed\(s\) \[1\] are not finite"):
+        couplings.write_couplings(tmp_path / "c", 8, 4, draw, header, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_calibrate_shows_the_reference_solve_and_refuses_large_budgets(capsys):
+    def denoiser(x, sigma):
+        return x / (1 + sigma.view(-1, 1) ** 2)
+
+    uf.samplers.calibrate(denoiser, (2,), "euler", 3, n_ref=2, n_val=2, method="powell", max_evals=3,
+                          progress=True)
+    assert "reference solve" in capsys.readouterr().err  # a progress bar from the first denoiser call
+    with pytest.raises(ValueError, match="nfe must be at most 100"):
+        uf.samplers.calibrate(denoiser, (2,), "euler", 1000, n_ref=2, n_val=2)
+
+
+def test_weights_digest_names_weights_not_files():
+    from unifusion.safeio import tensors_digest
+    a = {"w": torch.ones(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}
+    assert tensors_digest(a) == tensors_digest({k: v.clone() for k, v in reversed(a.items())})
+    assert tensors_digest(a) != tensors_digest({**a, "w": torch.ones(3, 2)})  # same bytes, another shape
+    assert tensors_digest(a) != tensors_digest({**a, "b": torch.ones(3, dtype=torch.bfloat16)})

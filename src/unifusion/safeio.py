@@ -109,11 +109,58 @@ def read_safetensors(path: str | os.PathLike, with_metadata: bool = False):
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Atomically write contiguous CPU tensors as safetensors."""
+    """Atomically write contiguous CPU tensors as safetensors; the same tensors and metadata give
+    the same bytes (the metadata keys sorted, see _sort_metadata)."""
     from safetensors.torch import save_file
 
     import torch
 
     # fresh copies: safetensors refuses tensors that share storage (tied weights)
     flat = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata or {"format": "pt"}))
+
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=metadata or {"format": "pt"})
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+    return atomic_write(path, write)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys in sorted order. safetensors (Rust)
+    keeps the metadata in a hash map, so its key order, and with it the file's bytes, changes from
+    one process to the next; sorted keys make equal files byte-identical."""
+    import json
+
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text)) if len(text) <= n else b""
+        if len(text) == n:  # the same header length (the usual case): rewritten in place
+            f.seek(8)
+            f.write(text)
+            return
+        f.seek(8 + n)
+        data = f.read()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 (hex) of named tensors (names, dtypes, shapes and values, in name order): the identity
+    of a set of weights, wherever they are stored (e.g. a teacher found under another path)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes (any dtype, bfloat16 too)
+    return h.hexdigest()

@@ -8,36 +8,26 @@ from pathlib import Path
 
 from .. import config as C
 from . import EXIT_INTERRUPTED
-from .train import overrides
+from .train import resolve as train_resolve
 
 # the defaults of `autoencoder train` over the config's: about 4 minutes on 2 CPU cores (f4, 32x32)
 DEFAULTS = {"family": "autoencoder", "data": "shapes-32", "network": "ae-f4", "out": "runs/ae", "steps": 800,
             "batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_half_life": 5000.0, "checkpoint_every": 200,
             "sample_every": 200}
-USAGE = "unifusion autoencoder train [CONFIG.yaml] [--key value ...] | stats --checkpoint RUN [--n N] [--out DIR]"
+USAGE = ("unifusion autoencoder train [CONFIG.yaml] [--key value ...] | stats --checkpoint RUN [--n N] [--out DIR] "
+         "[--overwrite]")
 
 
 def resolve(tokens: list[str]) -> C.TrainConfig:
-    """DEFAULTS <- YAML <- flags; with --resume, the run's stored config <- the flags (the defaults
-    are not applied again: they would undo a stored --steps)."""
-    config_path = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
-    given = {**(C.read_yaml(config_path) if config_path else {}), **overrides(tokens)}
-    if str(given.get("family", "autoencoder")) != "autoencoder":
-        raise ValueError(f"`unifusion autoencoder train` trains --family autoencoder, not {given['family']}; "
-                         "use `unifusion train` for other families")
-    cfg = C.from_dict({**DEFAULTS, **given})
-    if not cfg.resume:
-        return cfg
-    from ..training import run_dir
-    stored = run_dir.stored_config(Path(cfg.out))
-    return cfg if stored is None else C.resumed(stored, given)
+    """DEFAULTS <- YAML <- flags (cli.train.resolve)."""
+    return train_resolve(tokens, DEFAULTS, "autoencoder train")
 
 
 def run_autoencoder(what: str, tokens: list[str]) -> int:
     if what == "train":
         if any(t in ("-h", "--help") for t in tokens):
             print(f"usage: {USAGE}\n\nTrain a KL autoencoder (models/autoencoder.py); defaults over `unifusion train`'s: "
-                  + " ".join(f"{C.flag(k)} {v}" for k, v in DEFAULTS.items()) + "\n\n" + C.help_text())
+                  + " ".join(f"{C.flag(k)} {v}" for k, v in DEFAULTS.items()) + "\n\n" + C.help_text("autoencoder"))
             return 0
         return train(tokens)
     p = argparse.ArgumentParser(prog="unifusion autoencoder stats",
@@ -48,9 +38,13 @@ def run_autoencoder(what: str, tokens: list[str]) -> int:
                                                        "model/), or a checkpoint / unfinished run")
     p.add_argument("--n", type=int, default=4096, help="training images measured")
     p.add_argument("--out", default=None, help="the model folder to write for a checkpoint (default "
-                                               "<run>/model-step-NNNNNNNN)")
+                                               "<run>/model-step-NNNNNNNN); an existing one must hold these weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files in an --out that holds "
+                                                            "another model or other weights")
     args = p.parse_args(tokens)
-    stats(args.checkpoint, args.n, args.out)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    stats(args.checkpoint, args.n, args.out, args.overwrite)
     return 0
 
 
@@ -74,17 +68,17 @@ def train(tokens: list[str]) -> int:
     return 0
 
 
-def stats(path: str, n: int, out: str | None) -> Path:
+def stats(path: str, n: int, out: str | None, overwrite: bool = False) -> Path:
     """Latent statistics into a model folder (see the parser's help); returns its spec.json."""
     from .. import models
-    from ..evaluation.evaluate import run_dir
     from ..models.autoencoder import _model_folder, write_latent_statistics
+    from ..models.io import run_folder
     p = Path(path)
     folder = _model_folder(p) if out is None else None
     if out is None and folder is None:
         step = models.read(p)[3].get("step") or 0
-        out = run_dir(p) / f"model-step-{int(step):08d}"
-    spec_path, latent = write_latent_statistics(folder or p, out, n)
+        out = run_folder(p) / f"model-step-{int(step):08d}"
+    spec_path, latent = write_latent_statistics(folder or p, out, n, overwrite=overwrite)
     print(f"latent statistics of {latent['n']} images (std {_fmt(latent['std'])}, shift {_fmt(latent['shift'])}, "
           f"scale {_fmt(latent['scale'])}) written to {spec_path}")
     return spec_path

@@ -18,16 +18,16 @@ def run_encode(args) -> dict:
     from ..models.autoencoder import load_autoencoder
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ae = load_autoencoder(args.autoencoder, device=device)
-    options = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels)) if v}
+    options = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels),
+                                 ("skip_corrupt", args.skip_corrupt)) if v}
     try:
         source = datasets.load(args.data, **options)
     except ValueError as e:  # an image folder of mixed sizes: name the size the autoencoder takes
         raise latents.size_hint(e, ae) from None
-    if getattr(args, "overwrite", False):  # only now: a bad --autoencoder or --data deletes nothing
-        _clear(args.out)
+    # nothing is written (or, with --overwrite, deleted) before the first shard is encoded
     index, written = latents.encode_latents(ae, source, args.out, data=latents.source_name(args.data),
                                             data_options=options, count=args.n, per_shard=args.per_shard,
-                                            batch_size=args.batch_size)
+                                            batch_size=args.batch_size, overwrite=args.overwrite)
     shape = "x".join(map(str, index["shape"]))
     if written == 0:
         print(f"{args.out} already holds all {index['count']} latents ({shape}) of {args.data}; nothing to do")
@@ -35,19 +35,3 @@ def run_encode(args) -> dict:
         print(f"wrote {index['count']} latents ({shape}, posterior mean and std) of {args.data} to {args.out}; "
               f"train on them with `unifusion train --data {args.out}`")
     return {"out": str(args.out), "index": index, "written": written}
-
-
-def _clear(out) -> None:
-    """--overwrite: remove a latents folder (refusing any folder that is not one, so a typo in --out
-    never deletes other files)."""
-    import shutil
-    from pathlib import Path
-    p = Path(out)
-    if not p.exists():
-        return
-    if not latents.is_latents(p):
-        if p.is_dir() and not any(p.iterdir()):
-            return
-        raise ValueError(f"--overwrite: {p} does not hold latents (no index.json of `unifusion encode`), so it is "
-                         "left alone; choose another --out")
-    shutil.rmtree(p)

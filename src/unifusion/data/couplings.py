@@ -2,7 +2,8 @@
 
 A couplings folder holds safetensors shards and an index:
 
-    index.json               {"format": "unifusion-couplings", "version": 1, "teacher": {...},
+    index.json               {"format": "unifusion-couplings", "version": 1, "teacher": {..., "digest":
+                              sha256 of the weights it sampled with (safeio.tensors_digest)},
                               "sampler": {"name", "nfe", "options"}, "shape", "num_classes",
                               "class_names", "kind", "per_shard", "shards": [{"file", "count",
                               "first_seed"}], "count"}
@@ -45,25 +46,44 @@ def read_index(folder) -> dict:
 
 
 def write_couplings(folder, count: int, per_shard: int, draw: Callable[[list[int]], dict[str, Tensor]],
-                    header: dict, progress: bool = True) -> dict:
+                    header: dict, progress: bool = True, overwrite: bool = False) -> dict:
     """Write (or resume writing) `count` couplings in shards of `per_shard`; `draw(seeds)` returns
     {"noise", "x0", "y"?} for those seeds. `header` (teacher, sampler, shape, ...) must match the
-    folder's index when resuming. Returns the index."""
+    folder's index when resuming; the teacher is compared by the digest of its weights (not by
+    its path, which may hold another model by now, or be spelled differently). Samples that are
+    not finite are refused, naming their seeds. overwrite: replace an earlier couplings folder.
+    Returns the index."""
     def check_resume(old: dict) -> None:
-        mismatch = [k for k in (*header, "per_shard") if old.get(k) != {**header, "per_shard": per_shard}.get(k)]
+        new = {**header, "per_shard": per_shard}
+        mismatch = [k for k in new if k != "teacher" and old.get(k) != new[k]]
+        was, now = old.get("teacher") or {}, header.get("teacher") or {}
+        same = was.get("digest") == now.get("digest") if "digest" in was else was.get("where") == now.get("where")
+        if not same:  # (an index written before digests were recorded: by path, as it was then)
+            raise ValueError(f"{folder} holds couplings of a teacher with other weights (digest "
+                             f"{str(was.get('digest'))[:16]}, from {was.get('where')}) than --checkpoint "
+                             f"{now.get('where')} (digest {str(now.get('digest'))[:16]}); finish it with the original "
+                             "teacher, choose another --out, or pass --overwrite to start anew")
+        mismatch += [f"teacher {k}" for k in now if k not in ("where", "step", "digest") and was.get(k) != now[k]]
         if mismatch:
             raise ValueError(f"{folder} holds couplings made with another {', '.join(mismatch)}; continue with the "
-                             "same teacher and options, or choose another --out")
+                             "same teacher and options, choose another --out, or pass --overwrite to start anew")
 
     def make(seeds: list[int], tick) -> dict[str, Tensor]:
         arrays = draw(seeds)
+        bad = [seeds[i] for i, ok in enumerate(torch.isfinite(arrays["x0"].reshape(len(seeds), -1)).all(1)) if not ok]
+        if bad:
+            raise ValueError(f"the teacher's samples for seed(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} are not "
+                             "finite (NaN or inf), so they are not stored; check the teacher, or try another "
+                             "--sampler, --nfe or --cfg")
         arrays["seed"] = torch.tensor(seeds, dtype=torch.int64)
+        tick(len(seeds))
         return arrays
 
     index, _ = shards.write_shards(folder, fmt=FORMAT, what="couplings", command=COMMAND, prefix="couplings",
                                    start_key="first_seed", count=count, per_shard=per_shard, header=header,
                                    make=make, check_resume=check_resume, record_bytes=False, progress=progress,
-                                   save=lambda arrays, path: save_safetensors(arrays, path))  # (looked up per call)
+                                   save=lambda arrays, path: save_safetensors(arrays, path),  # (looked up per call)
+                                   overwrite=overwrite)
     return index
 
 
@@ -91,7 +111,8 @@ class CouplingSource(shards.ShardReader):
 
     def __getitem__(self, i) -> dict:
         k, r = self.locate(int(i))
-        item = {"x0": self.rows("x0", k, r, r + 1)[0].float(), "noise": self.rows("noise", k, r, r + 1)[0].float()}
+        item = {"x0": self.finite_rows("x0", k, r, r + 1)[0].float(),
+                "noise": self.finite_rows("noise", k, r, r + 1)[0].float()}
         if self.num_classes:
             item["cond"] = {"y": self.rows("y", k, r, r + 1)[0].long()}
         return item

@@ -11,14 +11,21 @@ alone and a resumed writer makes exactly the shards an uninterrupted one would. 
 written atomically (a hidden temporary file renamed into place: a partial file is never under a
 listed name) and the index is rewritten after each shard, so a shard the index lists is complete.
 Resuming keeps the listed shards whose file is there (and, when the index records "bytes", has
-that size) and writes the others. `ShardReader` memory-maps the shards (MappedShard: numpy memory
-maps at the offsets of the safetensors header) and reads one row at a time, so a folder larger than RAM streams like any source.
+that size) and writes the others. Nothing is written before the first shard's arrays are made, so a
+refused run (a bad sampler, non-finite samples) leaves the folder as it was; `overwrite` deletes an
+earlier folder of the same kind only then, and never a folder of another kind.
+
+`ShardReader` memory-maps the shards (MappedShard: numpy memory maps at the offsets of the
+safetensors header) and reads one row at a time, so a folder larger than RAM streams like any
+source; `finite_rows` names the shard and item of a NaN instead of letting training skip it.
 """
 from __future__ import annotations
 
 import bisect
 import json
 import math
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,9 +86,9 @@ def read_index(folder, fmt: str, what: str, command: str) -> dict:
     p = Path(folder) / INDEX
     try:
         index = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p} is not a readable {what} index ({e}); rerun `{command}` into that "
-                         "folder to rebuild it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p} is not a readable {what} index ({e}); rebuild the folder with `{command} ... "
+                         "--overwrite` (the same arguments plus --overwrite)") from None
     if not isinstance(index, dict) or index.get("format") != fmt:
         raise ValueError(f"{p} is not a {what} index (format {getattr(index, 'get', lambda k: None)('format')!r})")
     return index
@@ -91,24 +98,55 @@ def _expected(k: int, count: int, per_shard: int) -> int:
     return min(count, (k + 1) * per_shard) - k * per_shard
 
 
+def _ours(folder: Path, fmt: str, prefix: str) -> bool:
+    """A folder this writer may delete on --overwrite: its index is of format `fmt`, or (an index
+    that cannot be read) it holds nothing but an index, `prefix` shards and temporary files."""
+    if index_format(folder) == fmt:
+        return True
+    if not (folder / INDEX).is_file():
+        return False
+    shard = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.safetensors")
+    return all(e.is_file() and (e.name == INDEX or e.name.startswith(TEMP_PREFIX) or shard.fullmatch(e.name))
+               for e in folder.iterdir())
+
+
+def check_overwrite(folder, fmt: str, prefix: str, what: str, command: str) -> None:
+    """--overwrite may delete `folder` only when it is empty, missing or a folder of this kind;
+    anything else is refused (so a typo in --out never deletes other files)."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {p} is a file, not a {what} folder; choose another --out")
+    if p.is_dir() and any(p.iterdir()) and not _ours(p, fmt, prefix):
+        raise ValueError(f"--overwrite: {p} does not hold {what} (no index.json of `{command}`), so it is left "
+                         "alone; choose another --out")
+
+
 def write_shards(folder, *, fmt: str, what: str, command: str, prefix: str, start_key: str, count: int,
                  per_shard: int,
                  header: dict, make: Callable[[list[int], Callable[[int], None]], dict[str, Tensor]],
                  check_resume: Callable[[dict], None], record_bytes: bool = True, progress: bool = True,
-                 save: Callable | None = None) -> tuple[dict, int]:
+                 save: Callable | None = None, overwrite: bool = False) -> tuple[dict, int]:
     """Write (or resume writing) items 0..count-1 in shards of `per_shard`; returns (index, shards written).
 
     make(indices, tick) returns the shard's arrays (each with len(indices) rows, or any other
-    per-shard arrays) and may call tick(n) after every n items for the progress bar.
+    per-shard arrays) and may call tick(n) after every n items for the progress bar; it raises
+    (a ValueError naming the items) rather than return data that must not be stored.
     check_resume(old_index) raises when an existing folder was written with another header.
-    save(arrays, path) writes a shard atomically (default safeio.save_safetensors)."""
+    save(arrays, path) writes a shard atomically (default safeio.save_safetensors).
+    overwrite: start anew, deleting an earlier folder of this kind (check_overwrite) once the
+    first shard is made. Until then nothing is written: a refusal leaves the folder as it was."""
     from tqdm.auto import tqdm
     save = save or save_safetensors
     out = Path(folder)
     if count < 1 or per_shard < 1:
         raise ValueError(f"--n and the shard size must be >= 1, got {count} and {per_shard}")
     index = {"format": fmt, "version": VERSION, **header, "per_shard": per_shard, "shards": [], "count": count}
-    if out.is_dir() and (out / INDEX).is_file():
+    old = None
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a {what} folder; choose another --out")
+    if overwrite:
+        check_overwrite(out, fmt, prefix, what, command)
+    elif out.is_dir() and (out / INDEX).is_file():
         old = read_index(out, fmt, what, command)
         check_resume(old)
         n_shards = math.ceil(count / per_shard)
@@ -122,16 +160,28 @@ def write_shards(folder, *, fmt: str, what: str, command: str, prefix: str, star
         index["shards"] = keep
     elif out.is_dir() and any(not p.name.startswith(TEMP_PREFIX) for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no {what} index; choose an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
     done = {s[start_key] for s in index["shards"]}
     todo = [k for k in range(math.ceil(count / per_shard)) if k * per_shard not in done]
-    atomic_write(out / INDEX, json.dumps(index, indent=1))  # from the start: a killed first shard still resumes
+    if not todo:
+        if old != index:  # (e.g. a smaller --n of a complete folder: the index lists what it keeps)
+            atomic_write(out / INDEX, json.dumps(index, indent=1))
+        return index, 0
+
+    def items(k: int) -> list[int]:
+        return list(range(k * per_shard, k * per_shard + _expected(k, count, per_shard)))
+
     bar = tqdm(total=count, initial=count - sum(_expected(k, count, per_shard) for k in todo), desc=what,
-               unit="item", disable=not progress or not todo, dynamic_ncols=True)
+               unit="item", disable=not progress, dynamic_ncols=True)
     try:
+        first = make(items(todo[0]), bar.update)  # everything is checked before anything is written
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / INDEX, json.dumps(index, indent=1))  # a run killed from here on resumes
         for k in todo:
-            indices = list(range(k * per_shard, k * per_shard + _expected(k, count, per_shard)))
-            arrays = make(indices, bar.update)
+            indices = items(k)
+            arrays = first if k == todo[0] else make(indices, bar.update)
+            first = None
             name = f"{prefix}-{k:06d}.safetensors"
             save(arrays, out / name)
             entry = {"file": name, "count": len(indices), start_key: indices[0]}
@@ -141,6 +191,9 @@ def write_shards(folder, *, fmt: str, what: str, command: str, prefix: str, star
             atomic_write(out / INDEX, json.dumps(index, indent=1))
             bar.n = sum(s["count"] for s in index["shards"])
             bar.refresh()
+    except BaseException:
+        bar.leave = False  # a refusal's one line stays alone on the screen
+        raise
     finally:
         bar.close()
     return index, len(todo)
@@ -227,3 +280,16 @@ class ShardReader(torch.utils.data.Dataset):
     def rows(self, key: str, k: int, lo: int, hi: int) -> Tensor:
         """Rows [lo, hi) of the array `key` in shard k."""
         return self._handle(k).rows(key, lo, hi)
+
+    def finite_rows(self, key: str, k: int, lo: int, hi: int) -> Tensor:
+        """rows(), refused when a value is NaN or infinite, naming the shard and the item: a training
+        step on such an item would be skipped silently. (One isfinite over rows already read.)"""
+        t = self.rows(key, k, lo, hi)
+        ok = torch.isfinite(t.reshape(len(t), -1)).all(1)
+        if not bool(ok.all()):
+            r = lo + int((~ok).nonzero()[0])
+            raise ValueError(f"shard {self.root / self._shards[k]['file']} holds non-finite values (NaN or inf) in "
+                             f"{key!r} of item {self._starts[k] + r} (row {r}); the folder is damaged or was not "
+                             f"written by `{self._command}`, which refuses them: rebuild it with `{self._command} "
+                             "... --overwrite`")
+        return t

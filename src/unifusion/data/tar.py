@@ -49,7 +49,8 @@ from torch import Tensor
 
 from ..safeio import atomic_path, atomic_write
 from .folder import PROBE, ImageFolderSource, readable_item
-from .images import (IMAGE_EXTENSIONS, UnreadableImage, _read, _resize_crop, _to_uint8, check_images, size_mismatch,
+from .images import (IMAGE_EXTENSIONS, UnreadableImage, _read, _resize_crop, _to_uint8, cap_area, capped_size,
+                     check_images, check_variable_size, header_size, own_sizes, size_mismatch,
                      to_channels)
 
 IMAGE_EXTS = tuple(e.lstrip(".") for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -313,7 +314,9 @@ class TarShardSource(torch.utils.data.Dataset):
     kind = "image"
 
     def __init__(self, paths, image_size: int | None = None, channels: int | None = None,
-                 skip_corrupt: bool = False, probe: int = PROBE):
+                 skip_corrupt: bool = False, probe: int = PROBE, keep_size: bool = False, max_area: int | None = None):
+        self.variable_size = check_variable_size(image_size, keep_size, max_area)
+        self.max_area = int(max_area) if max_area else None
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be None (infer), 1 or 3, got {channels}")
         if image_size is not None and int(image_size) < 1:
@@ -330,6 +333,18 @@ class TarShardSource(torch.utils.data.Dataset):
         self._first, c = self._probe(max(1, int(probe)))
         self.channels = channels or c
         self.shape = (self.channels, *self._first[1])
+        if self.variable_size:  # every sample's header, read once
+            self._sizes = own_sizes(len(self), lambda j: capped_size(*header_size(io.BytesIO(self._bytes(j))),
+                                                                     self.max_area),
+                                    self.skip_corrupt, self._note_unreadable)
+            self.shape = (self.channels, *(int(v) for v in self._sizes.max(0)))
+
+    def sizes(self, indices):
+        """(len(indices), 2) (h, w) of the samples (every one the same without keep_size / max_area)."""
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if not self.variable_size:
+            return np.tile(np.array([self.shape[1:]], dtype=np.int64), (len(idx), 1))
+        return self._sizes[idx]
 
     # ---------------------------------------------------------------- index
     def _index(self) -> None:
@@ -374,6 +389,7 @@ class TarShardSource(torch.utils.data.Dataset):
         self._img = np.asarray(img, np.int64).reshape(-1, 2)  # (offset, size) of each image member
         self._ext = np.asarray(ext, np.int8)
         self._txt = np.asarray(txt, np.int64).reshape(-1, 2)
+        self.has_captions = bool((self._txt[:, 0] >= 0).any())  # some sample has a .txt member
         have = [y is not None for y in labels]
         if any(have) and not all(have):
             j = have.index(not have[0])
@@ -401,7 +417,7 @@ class TarShardSource(torch.utils.data.Dataset):
                 j += 1
                 continue
             first = first or (self._name(j), tuple(t.shape[1:]))
-            if tuple(t.shape[1:]) != first[1]:
+            if tuple(t.shape[1:]) != first[1] and not self.variable_size:
                 raise size_mismatch(first[0], first[1], self._name(j), t.shape[1:])
             gray.append(is_gray)
             j += 1
@@ -427,14 +443,17 @@ class TarShardSource(torch.utils.data.Dataset):
         ext = IMAGE_EXTS[self._ext[j]]
         return f"{self.shards[self._shard[j]]}:{self.keys[j]}.{ext}"
 
-    def _decode(self, j: int) -> tuple[Tensor, bool]:
+    def _bytes(self, j: int) -> bytes:
         off, size = (int(v) for v in self._img[j])
         data = _pread_exact(self._fd(int(self._shard[j])), size, off)
         if len(data) != size:
             raise UnreadableImage(f"cannot read image {self._name(j)}: the shard ends after {len(data)} of its "
                                   f"{size} bytes (changed since it was indexed?); pass skip_corrupt=True "
                                   f"(CLI: --skip-corrupt) to skip unreadable samples")
-        return decode_bytes(data, self._name(j), self.image_size)
+        return data
+
+    def _decode(self, j: int) -> tuple[Tensor, bool]:
+        return decode_bytes(self._bytes(j), self._name(j), self.image_size)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -446,7 +465,9 @@ class TarShardSource(torch.utils.data.Dataset):
     def _item(self, j: int) -> dict:
         """Sample j decoded: {"x0": (C, H, W) in [-1, 1], "cond": {"y": label}} (no cond if unlabelled)."""
         t, _ = self._decode(j)
-        if tuple(t.shape[1:]) != self._first[1]:
+        if self.variable_size:
+            t = cap_area(t, self.max_area)
+        elif tuple(t.shape[1:]) != self._first[1]:
             raise size_mismatch(self._first[0], self._first[1], self._name(j), t.shape[1:])
         item = {"x0": (to_channels(t, self.channels) * 2 - 1).contiguous()}
         if self.labels is not None:
@@ -510,8 +531,10 @@ def write_shards(dataset, out_dir, per_shard: int = 1000, prefix: str = "shard",
     are {"x0": (1 or 3, H, W) in [-1, 1], "cond": {"y"}?}) as WebDataset shards
     `out_dir/{prefix}-000000.tar`, ... of `per_shard` samples each; returns their paths.
 
-    Sample i is `{key}.png` (8-bit, v -> round((v + 1) * 127.5), as `write_image_folder`) and,
-    when labelled, `{key}.cls` (the label as text), key = i zero-padded to at least 6 digits.
+    Sample i is `{key}.png` (8-bit, v -> round((v + 1) * 127.5), as `write_image_folder`),
+    when labelled `{key}.cls` (the label as text), and when the source has captions (a
+    `captions(indices)` method, e.g. `shapes`) `{key}.txt` (UTF-8); key = i zero-padded to at
+    least 6 digits.
     `classes.json` (the class names) is written beside the shards when the source has them.
     Every shard is written atomically (temporary file, fsync, rename) with fixed member
     metadata, so the same data gives byte-identical shards. Needs only the standard library
@@ -530,8 +553,10 @@ def write_shards(dataset, out_dir, per_shard: int = 1000, prefix: str = "shard",
         raise ValueError("write_shards: the dataset is empty")
     width = max(6, len(str(n - 1)))
     paths = []
+    captioned = callable(getattr(dataset, "captions", None))
     for s, lo in enumerate(range(0, n, per_shard)):
         path = out / f"{prefix}-{s:06d}.tar"
+        texts = list(dataset.captions(range(lo, min(n, lo + per_shard)))) if captioned else None
         with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for i in range(lo, min(n, lo + per_shard)):
                 item = dataset[i]
@@ -541,6 +566,8 @@ def write_shards(dataset, out_dir, per_shard: int = 1000, prefix: str = "shard",
                 members = [("png", buf.getvalue())]
                 if "cond" in item and "y" in item["cond"]:
                     members.append(("cls", str(int(item["cond"]["y"])).encode()))
+                if texts is not None and texts[i - lo] is not None:
+                    members.append(("txt", str(texts[i - lo]).encode("utf-8")))
                 key = str(i).zfill(width)
                 for ext, blob in members:
                     info = tarfile.TarInfo(f"{key}.{ext}")

@@ -99,11 +99,18 @@ def run_reconstruction(args, model) -> dict:
     """`unifusion eval --checkpoint AE`: the report on held-out images (training images when the
     data has no held-out split), printed as a table and written to <run>/eval/eval.json."""
     from .. import data as datasets
-    from .evaluate import feature_extractor, held_out_spec, in_memory, run_dir
+    from ..models.io import run_folder
+    from .evaluate import feature_extractor, held_out_spec, in_memory
     spec = model.spec
+    if args.nll:
+        raise ValueError("--nll: an autoencoder has no likelihood to score (its eval reports the PSNR, SSIM and rFID "
+                         "of reconstructions); drop --nll")
     source, options = spec.data.get("source"), spec.data.get("options") or {}
     if not source:
         raise ValueError("the autoencoder's spec does not name its training data (spec.data.source)")
+    out = Path(args.out) if args.out else run_folder(args.checkpoint) / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for eval.json")
     held = held_out_spec(source, options)
     data, which = ((datasets.load(held[0], **held[1]), f"held-out {held[0]}") if held else
                    (datasets.load(source, **options), f"training {source} (no held-out split known)"))
@@ -122,7 +129,6 @@ def run_reconstruction(args, model) -> dict:
     print("| autoencoder | latent | n | psnr | ssim | rfid |\n|---|---|---|---|---|---|\n"
           f"| {spec.network['class']} f{f} | {model.latent_channels}x{spec.shape[1] // f}x{spec.shape[2] // f} | "
           f"{r['n']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {rfid} |")
-    out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
     finite = {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}  # JSON has no inf
     result = {"checkpoint": str(args.checkpoint), "step": model.info.get("step"), "images": which,
               "features": extractor.name if extractor else None, "reconstruction": finite}

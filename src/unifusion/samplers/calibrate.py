@@ -46,6 +46,7 @@ DEFAULT_REFERENCE = {"rtol": 1e-6, "atol": 1e-6, "max_nfe": 4000}
 POLISH = 30  # method='auto': Powell evaluations per free level after the gradient fit
 MIN_PIECE = 1e-6  # the smallest share of the log-sigma span between two levels
 INF_TOP = 10.0  # from sigma_max = inf the first finite level may float up to INF_TOP x its initial value
+MAX_NFE = 100  # above this every grid is close to the reference, and each fit evaluation costs nfe x n_ref calls
 
 
 class NotDifferentiable(RuntimeError):
@@ -430,6 +431,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         (the best grid so far is kept). batch_size: examples per denoiser call (default: all).
     float_last: let the last level rise above sigma_min (else it stays at sigma_min).
     options: the sampler's own keywords; sample() then checks they are the same.
+    progress: progress bars for the reference solve (denoiser calls) and the fit (evaluations).
+    nfe is at most MAX_NFE.
     """
     from . import _plan, sample  # the package's sample and its grid planning (same levels as sample uses)
 
@@ -450,6 +453,10 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
                          f"{sampler!r}; use method='powell'")
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe must be at most {MAX_NFE}, got {nfe}: a calibrated grid is for small budgets (above "
+                         f"~{MAX_NFE} calls every grid is close to exact, and each fit evaluation costs nfe x n_ref "
+                         "denoiser calls)")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if n_ref < 1 or n_val < 0:
@@ -465,8 +472,11 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     conds = _split_cond(cond, n_ref, n_val, device)
     chunks = {k: _chunks(noise[k], conds[k], batch_size) for k in noise}
     # one reference solve for fit and held-out noises together (per batch_size rows)
-    ref_info, ref_all = _reference(reference, denoiser, _chunks(z, _join(conds, n_val), batch_size), sigma_min,
-                                   sigma_max)
+    from tqdm.auto import tqdm
+    with tqdm(desc=f"calibrate {sampler} NFE {nfe}: reference solve", unit="call", disable=not progress,
+              leave=False, dynamic_ncols=True) as ref_bar:
+        ref_info, ref_all = _reference(reference, denoiser, _chunks(z, _join(conds, n_val), batch_size), sigma_min,
+                                       sigma_max, tick=ref_bar.update)
     ref = {"fit": list(ref_all[:n_ref].split(batch_size or n_ref)),
            "val": list(ref_all[n_ref:].split(batch_size or max(n_val, 1))) if n_val else []}
     t_ref = time.perf_counter() - t_start
@@ -510,8 +520,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     # ---- fit, from each start in turn (a list of inits: multi-start, each with its share of the budget)
     starts = [start_grid(i) for i in (init if isinstance(init, (list, tuple)) else [init])]
     share = len(starts)
-    from tqdm.auto import tqdm
-    bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}", unit="eval", disable=not progress, leave=False)
+    bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}: fit", unit="eval", disable=not progress, leave=False,
+               dynamic_ncols=True)
     t_fit, fits = time.perf_counter(), []
     for start in starts:
         param = GridParam(n_levels, sigma_min, sigma_max, top=INF_TOP * float(start[1]) if inf else None,
@@ -630,8 +640,10 @@ def _chunks(x: Tensor, cond: dict, batch_size: int | None) -> list[tuple[Tensor,
     return [(x[i:i + step], {k: v[i:i + step] for k, v in cond.items()}) for i in range(0, n, step)]
 
 
-def _reference(reference, denoiser, parts: list, sigma_min: float, sigma_max: float) -> tuple[dict, Tensor]:
-    """The exact final samples of every (noise, cond) part, concatenated, and how they were computed."""
+def _reference(reference, denoiser, parts: list, sigma_min: float, sigma_max: float,
+               tick=lambda n: None) -> tuple[dict, Tensor]:
+    """The exact final samples of every (noise, cond) part, concatenated, and how they were computed;
+    tick(1) after every denoiser call of the dopri5 solve (a progress bar)."""
     from . import sample
     if callable(reference):
         out, info = [reference(x, c) for x, c in parts], {"kind": "given"}
@@ -647,6 +659,7 @@ def _reference(reference, denoiser, parts: list, sigma_min: float, sigma_max: fl
 
         def counted(x, s, **c):
             calls[0] += 1
+            tick(1)
             return denoiser(x, s, **c)
 
         out = []

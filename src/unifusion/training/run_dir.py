@@ -17,15 +17,28 @@ RUN_MARKERS = ("checkpoints", "log.jsonl", "samples", "model", "loss.png", CONFI
 
 
 class RunLock:
-    """flock on <out>/.lock, released when the process ends (also on kill -9)."""
+    """flock on <out>/.lock, released when the process ends (also on kill -9).
+
+    `discard()` undoes what acquiring created (the lock file, and the folders made for it) for a
+    run refused before it wrote anything; `committed` (set once the run writes) forbids that."""
 
     def __init__(self, out: Path):
         self.out, self.fd = Path(out), None
+        self.committed = False
+        self._made: list[Path] = []  # folders acquire created, innermost first
+        self._made_lock = False
 
     def acquire(self) -> "RunLock":
         try:
+            missing, p = [], self.out
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            had_lock = (self.out / LOCK).exists()
             self.out.mkdir(parents=True, exist_ok=True)
+            self._made = missing
             fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            self._made_lock = not had_lock
         except OSError as e:
             raise ValueError(f"cannot write the run folder {self.out} ({e.strerror}); "
                              "choose a writable --out") from None
@@ -51,20 +64,40 @@ class RunLock:
             os.close(self.fd)  # closing drops the flock
             self.fd = None
 
+    def discard(self) -> None:
+        """Release, then remove the lock file and the folders acquire created (those still empty)."""
+        if self.committed:
+            return
+        made_lock = self._made_lock and self.fd is not None
+        if made_lock:
+            (self.out / LOCK).unlink(missing_ok=True)  # while still held: no other run took it meanwhile
+        self.release()
+        for d in self._made:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or gone): leave it
+                break
 
-def prepare(out: Path, resume: bool, overwrite: bool) -> None:
+
+def check(out: Path, resume: bool, overwrite: bool) -> list[Path]:
     """Refuse to start a new run in a folder that holds one (or anything else) unless resuming
-    or overwriting; --overwrite deletes the old run's files (only in a folder that is a run)."""
-    entries = [e for e in out.iterdir() if e.name != LOCK]
+    or overwriting, and --overwrite of a folder that is not a run; writes nothing. Returns what
+    --overwrite would delete."""
+    entries = [e for e in out.iterdir() if e.name != LOCK] if out.is_dir() else []
     if not entries or resume:
-        return
+        return []
     if not overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(sorted(e.name for e in entries)[:4])}); "
                          "continue it with --resume, delete it with --overwrite, or choose another --out")
     if not any(e.name in RUN_MARKERS for e in entries):
         raise ValueError(f"--overwrite refuses to empty {out}: it does not look like a unifusion run "
                          "folder; choose another --out")
-    for e in entries:
+    return entries
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> None:
+    """check(), then --overwrite deletes the old run's files (only in a folder that is a run)."""
+    for e in check(out, resume, overwrite):
         shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
 
 
@@ -85,7 +118,7 @@ def truncate_log(log: Path, step: int) -> None:
 
 def stored_config(out: Path) -> dict | None:
     """The config a run in `out` was started with: its latest checkpoint's, else <out>/config.json."""
-    from . import checkpoint
+    from .. import checkpoint
     last = checkpoint.latest(out)
     if last is not None:
         _, state = checkpoint.load(last)
