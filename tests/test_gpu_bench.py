@@ -86,6 +86,39 @@ def test_smoke_prints_every_row_with_finite_numbers(smoke):
     assert "## Profile: DiT-B/2 bf16 compile on" in text and rows["profile"]["top"]
 
 
+def test_smoke_prints_the_side_by_side_default_run_unet_and_compiled_sampling_rows(smoke):
+    rc, text, rows = smoke
+    found = tables(text)
+    (side,) = [v for k, v in found.items() if k.startswith("## Side by side: DiT-B/2")]
+    assert [(r["network"], r["compile"]) for r in side] == [("unifusion", "off"), ("diffusers", "off"),
+                                                            ("unifusion", "on"), ("diffusers", "on")]
+    for r in side:  # diffusers (a test extra) is installed here: every row ran, each against its peer
+        assert r["note"] == "" and float(r["img/s"]) > 0 and math.isfinite(float(r["vs diffusers"])), r
+    assert [float(r["vs diffusers"]) for r in side if r["network"] == "diffusers"] == [1.0, 1.0]
+    (cli,) = [v for k, v in found.items() if k.startswith("## Default CLI run")]
+    assert [(r["device"], r["compile"]) for r in cli] == [("cpu", "off"), ("cpu", "reduce-overhead")]
+    assert float(cli[0]["steps/s"]) > 0 and math.isfinite(float(cli[0]["loss at end"])) and cli[0]["note"] == ""
+    assert cli[1]["note"] == "CUDA only (CUDA graphs)"
+    assert f"2-core CPU: {gpu.CPU_DEFAULT_RUN_STEPS_S:g} steps/s" in text
+    (unet,) = [v for k, v in found.items() if k.startswith("## unet-32")]
+    assert [(r["precision"], r["channels_last"], r["compile"]) for r in unet] == [
+        ("fp32", "off", "off"), ("bf16", "off", "off"), ("bf16", "on", "off"), ("bf16", "on", "on")]
+    assert all(r["note"] == "" and float(r["img/s"]) > 0 for r in unet)
+    (sampling,) = [v for k, v in found.items() if k.startswith("## Compiled sampling")]
+    assert [r["network"] for r in sampling] == ["eager", "compiled"]
+    assert all(r["note"] == "" and float(r["img/s"]) > 0 for r in sampling)
+    for key, n in (("side", 4), ("cli", 2), ("unet", 4), ("sample_side", 2)):
+        assert len(rows[key]) == n
+    assert all(math.isfinite(r["loss"]) for r in rows["side"] + rows["unet"])
+
+
+def test_sections_are_chosen_and_checked():
+    rc, text = run(["--smoke", "--device", "cpu", "--sections", "cli", "--max-minutes", "0"])
+    assert rc == 0 and "## Default CLI run" in text and "## Side by side" not in text and "## Training" not in text
+    with pytest.raises(SystemExit):
+        gpu.parse(["--smoke", "--sections", "side,fast"])
+
+
 def test_analytic_flops_match_flop_counter():
     """The analytic count is exact for the forward and within a few % of FlopCounterMode for
     forward + backward (the backward skips the input gradients of patchify and the noise MLP)."""
@@ -133,6 +166,9 @@ def test_wall_time_guard_skips_rows():
     found = tables(text)
     rows = [r for k, v in found.items() if k.startswith(("## Training", "## Sampling")) for r in v]
     assert len(rows) == 5 and all("wall-time guard" in r["note"] for r in rows)
+    new = [r for k, v in found.items() if k.startswith(("## Side", "## Default CLI", "## unet", "## Compiled"))
+           for r in v]
+    assert len(new) == 12 and all("wall-time guard" in r["note"] or r["note"] == "CUDA only (CUDA graphs)" for r in new)
 
 
 def test_without_cuda_it_says_so_and_exits_2(monkeypatch):

@@ -24,6 +24,8 @@ the others feed the network the process's own x_t = s(t) x and its time t, as th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -218,29 +220,56 @@ def get(name: str, **kwargs) -> Parametrization:
     return PARAMETRIZATIONS[name](**kwargs)
 
 
+def limit_at_infinity(param: Parametrization, process: Process) -> tuple[float, float, float]:
+    """(skip, out, c_noise at sigma = inf): D(n, inf) = skip n + out F(n, c_noise_inf). ValueError
+    (naming the fix) when the parametrization has no finite limit or the process no finite time there."""
+    skip, out = param.at_infinity()
+    t_top = float(param.c_noise(torch.full((1,), math.inf, dtype=torch.float64), process))
+    if not math.isfinite(t_top):
+        raise ValueError(f"{process!r} has no finite time at sigma = inf; sample from a finite sigma_max")
+    return skip, out, t_top
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: a constant, no graph break
+def _limit(param: Parametrization, process: Process) -> tuple[float, float, float] | None:
+    """limit_at_infinity, or None where there is none; computed once per (param, process) pair and kept
+    on the parametrization (its float() reads a CPU tensor)."""
+    cached = param.__dict__.get("_limit_at_inf")
+    if cached is None or cached[0] is not process:
+        try:
+            limit = limit_at_infinity(param, process)
+        except ValueError:
+            limit = None
+        cached = param.__dict__["_limit_at_inf"] = (process, limit)
+    return cached[1]
+
+
 def denoise(net, process: Process, param: Parametrization, x: Tensor, sigma: Tensor, **net_kwargs) -> Tensor:
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, **net_kwargs) in the sigma-domain.
 
-    sigma has shape (B,) (or is a scalar). At sigma = inf (every row) x is the unit noise
-    direction n = lim x / sigma, and D is the limit of Parametrization.at_infinity.
+    sigma has shape (B,) (or is a scalar). A row at sigma = inf holds the unit noise direction
+    n = lim x / sigma, and its D is the limit of Parametrization.at_infinity (the first sampling
+    step from pure noise; the rows of one batch may mix inf and finite sigma).
+
+    No value is read on the host (DESIGN §4.14: a read is a device sync per training step and per
+    sampler call): the rows at inf are selected on the device with torch.where, which leaves every
+    finite row's arithmetic exactly as without it. Where (param, process) has no finite limit at
+    inf (EDM / eps preconditioning, a process with no finite time there), a row at sigma = inf
+    comes out NaN, which the samplers report (limit_at_infinity raises the explanation up front).
     """
     sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+    c_in, c_noise = param.c_in(sigma, process), param.c_noise(sigma, process).to(x.dtype)
+    c_skip, c_out = param.c_skip(sigma), param.c_out(sigma)
     inf = torch.isinf(sigma)
-    # the branch reads sigma's values: eager only. Compiled code (the trainer's --compile step) never
-    # sees sigma = inf, which only the first sampling step from pure noise uses
-    if not torch.compiler.is_compiling() and inf.any():
-        if not inf.all():
-            raise ValueError("sigma = inf must hold for the whole batch (the first step from pure noise)")
-        skip, out = param.at_infinity()
-        t_top = param.c_noise(torch.full_like(sigma, float("inf"), dtype=torch.float64), process)
-        if not torch.isfinite(t_top).all():
-            raise ValueError(f"{process!r} has no finite time at sigma = inf; sample from a finite sigma_max")
-        F = net(x, t_top.to(x.dtype), **net_kwargs)
-        return skip * x + out * F.to(x.dtype)
-    c_in = _bc(param.c_in(sigma, process), x)
-    c_noise = param.c_noise(sigma, process).to(x.dtype)
-    F = net(c_in * x, c_noise, **net_kwargs)
-    return param.to_denoised(F.to(x.dtype), x, sigma)
+    limit = _limit(param, process)
+    if limit is None:
+        c_out = torch.where(inf, math.nan, c_out)
+    else:  # at inf the network sees n itself at the top time, and D = skip n + out F
+        skip, out, t_top = limit
+        c_in, c_noise = torch.where(inf, 1.0, c_in), torch.where(inf, t_top, c_noise)
+        c_skip, c_out = torch.where(inf, skip, c_skip), torch.where(inf, out, c_out)
+    F = net(_bc(c_in, x) * x, c_noise, **net_kwargs)
+    return _bc(c_skip, x) * x + _bc(c_out, x) * F.to(x.dtype)  # Parametrization.to_denoised
 
 
 class Denoiser(nn.Module):

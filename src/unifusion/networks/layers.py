@@ -62,6 +62,16 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """adaLN (DiT): LayerNorm over the last axis without affine, then x * (1 + scale) + shift, i.e.
+    modulate(layer_norm(x), shift, scale). Two kernels in eager (layer_norm, one addcmul; the
+    (B, 1, D) 1 + scale is tiny) instead of three full-size ones; one reduction under torch.compile.
+    Under autocast the result is float32, as layer_norm's is (addcmul promotes: only the small shift
+    and scale are cast). The gated residual x + gate * f(...) stays a multiply and an add: an addcmul
+    there would make autocast cast the whole bf16 branch to float32 first."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
 def group_norm(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> nn.GroupNorm:
     """GroupNorm with 32 groups where possible, fewer for narrow layers (EDM's rule), so tiny
     nets do not degenerate to instance norm (one channel per group)."""
@@ -80,7 +90,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        # at least float32 (bf16 / fp16 inputs under autocast), float64 kept as float64
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -134,3 +145,15 @@ def maybe_checkpoint(enabled: bool, fn, *args):
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def use_tf32(device) -> None:
+    """On CUDA, float32 matmuls (cuBLAS) and convolutions (cuDNN) in TF32: fp32 accumulation over
+    inputs rounded to a 10-bit mantissa, several times the fp32 throughput on Ampere and later (what
+    torchtitan, EDM2 and timm train with). The training loop and the GPU benchmark call it for a
+    CUDA device; bf16 / fp16 autocast and every CPU computation are unaffected. The legacy flags, not
+    the fp32_precision API: torch refuses to read the one after the other was set, and torch's own
+    code still reads allow_tf32."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -55,17 +55,20 @@ class Dist:
         """True under torchrun with --sharding fsdp: parameters are DTensor shards."""
         return self.enabled and self.sharding == "fsdp"
 
-    def wrap(self, model: nn.Module, compile: bool = False, precision: str = "fp32") -> nn.Module:
+    def wrap(self, model: nn.Module, compile: bool | str = False, precision: str = "fp32") -> nn.Module:
         """The module the training step calls. DDP wraps (torch.compile inside); FSDP shards
         `model` in place (its parameters become DTensor shards: build the optimizer and the EMA
-        after this) and compiles the sharded model. One process: the model, compiled if asked."""
+        after this) and compiles the sharded model. One process: the model, compiled if asked.
+        compile: False / "off", True / "default", or a torch.compile mode ("reduce-overhead", ...)."""
+        mode = None if compile in (False, "off") else "default" if compile is True else compile
+        compiled = (lambda m: torch.compile(m, mode=mode)) if mode else (lambda m: m)
         if self.sharding == "fsdp" and not self.enabled:
             if self.rank == 0:
                 print("--sharding fsdp: one process, so the model runs unsharded (FSDP shards over torchrun ranks)")
         if self.sharded:
             self._root = shard(model, self.device, self.world_size, precision)
-            return torch.compile(model) if compile else model
-        net = torch.compile(model) if compile else model
+            return compiled(model)
+        net = compiled(model)
         if not self.enabled:
             return net
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -27,7 +27,9 @@ from .. import data as datasets
 from .. import models
 from .. import safeio
 from ..safeio import atomic_path
-from . import checkpoint, distributed, run_dir
+from .. import checkpoint
+from . import distributed, run_dir
+from ..networks.layers import use_tf32
 from .ema import EMA, POSTHOC_PREFIX as POSTHOC_DIR, PowerEMA
 
 
@@ -48,6 +50,10 @@ def lr_at(cfg: C.TrainConfig, step: int) -> float:
         return cfg.lr
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+# with several ranks, how often (in steps) they agree whether a signal asked them to stop (a collective)
+STOP_EVERY = 10
 
 
 class _Interrupt:
@@ -96,27 +102,36 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
             refusal = e
     try:
         _agree(dist, refusal)
-        return _train(cfg, dist, out, progress)
+        return _train(cfg, dist, out, progress, lock)
+    except BaseException:
+        if lock is not None and not lock.committed:  # refused before writing: the folder as it was
+            lock.discard()
+        raise
     finally:
         if lock is not None:
             lock.release()
         dist.cleanup()
 
 
-def _train(cfg, dist, out: Path, progress: bool) -> dict:
+def _train(cfg, dist, out: Path, progress: bool, lock=None) -> dict:
+    """Everything is checked (folder, resume, data, spec, teacher, --init-from, network, the first
+    batch) before rank 0 writes anything into `out` (DESIGN §2): a refused run leaves it as it was."""
     device, rank, world = dist.device, dist.rank, dist.world_size
+    if cfg.compile == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(f"--compile reduce-overhead replays the step as CUDA graphs and needs a CUDA device; this "
+                         f"run is on {device.type}: use --compile default (or true) there")
+    use_tf32(device)  # fp32 matmuls and convolutions in TF32 on CUDA (networks.layers.use_tf32)
     last = checkpoint.latest(out) if cfg.resume else None
     refusal = None
     if rank == 0:
         try:
-            run_dir.prepare(out, cfg.resume, cfg.overwrite)
+            run_dir.check(out, cfg.resume, cfg.overwrite)
             stored = run_dir.stored_config(out) if cfg.resume else None
             if stored is not None:  # the same run, or refuse (config.resumed merges the CLI's flags)
                 _check_same_run(cfg, stored, out)
-            C.save(cfg, out / run_dir.CONFIG)
         except (ValueError, OSError) as e:
             refusal = e
-    _agree(dist, refusal)  # also the barrier: the folder is ready for every rank
+    _agree(dist, refusal)
 
     # ---- resume: the stored config must describe the same run (config.resumed merges the CLI's flags)
     tensors, state, start = {}, {}, 0
@@ -146,6 +161,7 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     spec = models.ModelSpec.from_dict(state["spec"]) if state else C.model_spec(cfg, source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
     model = models.build(spec).to(device)
+    source = model.data_source(source)  # e.g. captions in the items for the text families
     if state:  # into the whole model, before any sharding
         models.io.load_weights(model, tensors["model"], str(last))
     elif cfg.init_from:  # e.g. a reflow student starting from its teacher
@@ -156,9 +172,6 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
            else torch.autocast(device.type, dtype=torch.float16) if cfg.precision == "fp16" else nullcontext())
     log_path = out / "log.jsonl"
-    if rank == 0:
-        run_dir.truncate_log(log_path, start)
-        run_dir.truncate_snapshots(out / POSTHOC_DIR, start)
 
     batches = datasets.StepBatches(source, cfg.seed, B, world, rank, start, cfg.num_workers, end_step=cfg.steps)
     first = None
@@ -171,16 +184,33 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
         if not state:  # data-dependent initialisation (Glow's ActNorm), on the global batch under DDP
             model.initialize(_to(first, device))
         _check_model_takes(model, first, spec, device)
+
+    # ---- checked: now rank 0 writes (an --overwrite deletes the old run only here)
+    refusal = None
+    if rank == 0:
+        if lock is not None:
+            lock.committed = True
+        try:
+            run_dir.prepare(out, cfg.resume, cfg.overwrite)
+            C.save(cfg, out / run_dir.CONFIG)
+            run_dir.truncate_log(log_path, start)
+            run_dir.truncate_snapshots(out / POSTHOC_DIR, start)
+        except (ValueError, OSError) as e:
+            refusal = e
+    _agree(dist, refusal)  # also the barrier: the folder is ready for every rank
     # FSDP shards `model` in place: its parameters become DTensor shards, so the optimizer and the
     # EMAs come after this and hold shards too (EMA updates are then local, elementwise: exact);
     # saved state is gathered whole (dist.full) and loaded back as shards (dist.local)
+    if cfg.channels_last:  # NHWC convolution weights (and so activations); the optimizer and EMAs follow
+        model.to(memory_format=torch.channels_last)
     net = dist.wrap(model, compile=cfg.compile, precision=cfg.precision)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimizer(model, cfg)
     ema = EMA(model, cfg.ema_half_life)  # after the initialisation, so the average starts from it
     posthoc = PowerEMA(model, C.posthoc_stds(cfg.posthoc_stds)) if cfg.posthoc_every else None
     if state:
         opt.load_state_dict(dist.local_optimizer_state(
             checkpoint.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]), opt))
+        _match_layouts(opt)
         ema.load_state_dict(dist.local(tensors["ema"], ema.shadow))
         if posthoc is not None:
             posthoc.load_state_dict(dist.local(tensors["posthoc"], posthoc.snapshot()[0]))
@@ -189,20 +219,31 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     tb = _tensorboard(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    bad, t0, last_ckpt, interrupted, window = state.get("bad_steps", 0), time.time(), last, False, []
+    # The step never waits for the device (DESIGN §4.14): finiteness, the skip of a bad step's update, the
+    # bad-step count and the loss stay device tensors, read together at log steps and at checkpoints. So
+    # --max-bad-steps aborts at the first log step after that many non-finite steps in a row.
+    bad = state.get("bad_steps", 0)
+    bad_run = torch.tensor(bad, device=device)  # non-finite steps in a row
+    worst = bad_run.clone()  # the longest such run since the last read
+    loss_sum, n_loss = torch.zeros((), device=device), 0
+    t0, last_ckpt, interrupted, ahead = time.time(), last, False, None
     with _Interrupt() as stop, batches:
         for step in range(start, cfg.steps):
             local = first if step == start else next(batches)
-            # -- the global batch's draws from (seed, step), then this rank's rows (module docstring)
-            draws = model.random(B, torch.Generator().manual_seed(_seed(cfg.seed, step)))
-            draws = {k: v[rank::world] for k, v in draws.items() if k not in local}
+            # -- the global batch's draws from (seed, step), this rank's rows (module docstring); on CUDA
+            # drawn a step ahead and copied without blocking
+            draws = ahead if ahead is not None else _draws(model, cfg.seed, step, B, rank, world, device)
+            draws = {k: v for k, v in draws.items() if k not in local}
             torch.manual_seed(_seed(cfg.seed, step, rank, 2))  # network dropout (see the docstring)
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(cfg, step)
 
+            if cfg.compile == "reduce-overhead":  # a new step: the CUDA graphs' previous outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             total = torch.zeros((), device=device)
             for m in range(cfg.grad_accum):
-                batch = _to(_rows({**local, **draws}, slice(m * micro, (m + 1) * micro)), device)
+                rows = slice(m * micro, (m + 1) * micro)
+                batch = {**_to_device(_rows(local, rows), device), **_rows(draws, rows)}
                 sync = dist.no_sync(net) if m < cfg.grad_accum - 1 else nullcontext()
                 with sync:  # the backward too: FSDP decides whether to reduce-scatter in backward
                     with amp:
@@ -211,49 +252,70 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
                 total += loss.detach()
             total = dist.mean(total)
 
-            if not torch.isfinite(total):
-                # skip the update, keep counting; many in a row mean the run has diverged
-                opt.zero_grad(set_to_none=True)
-                bad += 1
-                if bad >= cfg.max_bad_steps:
-                    raise RuntimeError(f"the loss was not finite for {bad} steps in a row (last at step {step}); "
-                                       f"lower --lr, check the data for NaN, or use --precision fp32")
-            else:
-                bad = 0
-                if scaler:
-                    scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt) if scaler else opt.step()
-                if scaler:
-                    scaler.update()
-                opt.zero_grad(set_to_none=True)
-                ema.update(model, B)
-                if posthoc is not None:
-                    posthoc.update(model)
-
+            # -- the update, skipped on the device when the loss is not finite: the optimizer state, the
+            # weights and both EMAs are then exactly as if the step had not happened
+            ok = torch.isfinite(total)
+            if scaler:  # NaN gradients make the scaler skip the step (and back off its scale)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, torch.where(ok, 1.0, math.nan))
+                scaler.unscale_(opt)
+            if cfg.grad_clip > 0:  # the norm stays on the device
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            elif all(g.get("fused") for g in opt.param_groups):
+                opt.found_inf = (~ok).float()  # fused AdamW skips the update and takes back its step count
+                opt.step()
+            elif ok:  # no found_inf (e.g. resumed from a checkpoint of the unfused AdamW): a host read
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model, B, ok)
+            if posthoc is not None:
+                posthoc.update(model, ok)
+            bad_run = torch.where(ok, 0, bad_run + 1)
+            worst = torch.maximum(worst, bad_run)
+            loss_sum += total
+            n_loss += 1
             done = step + 1
-            window.append(float(total))
-            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-                rec = {"step": done, "loss": sum(window) / len(window), "lr": lr_at(cfg, step),
-                       "bad_steps": bad, "time": round(time.time() - t0, 4)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None:
-                    tb.add_scalar("loss", rec["loss"], done)
-                    tb.add_scalar("lr", rec["lr"], done)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                window = []
+            if device.type == "cuda" and done < cfg.steps:
+                ahead = _draws(model, cfg.seed, done, B, rank, world, device)
+
+            if done % cfg.log_every == 0 or done == cfg.steps:  # every rank reads: they agree on aborting
+                mean, bad, longest = torch.stack([loss_sum / n_loss, bad_run.float(), worst.float()]).tolist()
+                bad, longest = int(bad), int(longest)
+                loss_sum.zero_()
+                n_loss, worst = 0, bad_run.clone()
+                if longest >= cfg.max_bad_steps:
+                    raise RuntimeError(f"the loss was not finite for {cfg.max_bad_steps} steps in a row (read at "
+                                       f"step {done}); lower --lr, check the data for NaN, or use --precision fp32")
+                if done == cfg.steps and bad == state.get("bad_steps", 0) + done - start:
+                    raise RuntimeError(f"no step of this run had a finite loss ({done - start} steps, every update "
+                                       "skipped); lower --lr, check the data for NaN, or use --precision fp32")
+                if rank == 0:
+                    rec = {"step": done, "loss": mean, "lr": lr_at(cfg, step), "bad_steps": bad,
+                           "time": round(time.time() - t0, 4)}
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if tb is not None:
+                        tb.add_scalar("loss", rec["loss"], done)
+                        tb.add_scalar("lr", rec["lr"], done)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
             bar.update(1)
             if posthoc is not None and (rank == 0 or dist.sharded) and done % cfg.posthoc_every == 0:
                 tensors_, meta_ = posthoc.snapshot()
                 tensors_ = dist.full(tensors_)  # FSDP: every rank gathers, rank 0 gets full tensors
                 if rank == 0:
                     safeio.save_safetensors(tensors_, out / POSTHOC_DIR / f"step-{done:08d}.safetensors", meta_)
-            stop_now = dist.any(stop.hit)  # every rank stops at the same step
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop_now:
-                last_ckpt = _save(out, done, model, ema, opt, cfg, bad, dist, posthoc)
-            if (rank == 0 or dist.sharded) and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
+            # one process reads its own flag; ranks agree (a collective) every STOP_EVERY steps and at checkpoints,
+            # so every rank stops at the same step
+            save = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            stop_now = (not dist.enabled or save or done % STOP_EVERY == 0) and dist.any(stop.hit)
+            if save or stop_now:
+                last_ckpt = _save(out, done, model, ema, opt, cfg, int(bad_run), dist, posthoc)
+            if (rank == 0 or dist.sharded) and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps \
+                    and model.previews:
                 whole, whole_ema = _unsharded(model, ema, dist)
                 if rank == 0:
                     _preview(out, done, whole, whole_ema, cfg, source)
@@ -268,7 +330,7 @@ def _train(cfg, dist, out: Path, progress: bool) -> dict:
     if not interrupted and (rank == 0 or dist.sharded):
         whole, whole_ema = _unsharded(model, ema, dist)
         if rank == 0:
-            result["samples"] = str(_preview(out, cfg.steps, whole, whole_ema, cfg, source))
+            result["samples"] = str(_preview(out, cfg.steps, whole, whole_ema, cfg, source)) if whole.previews else None
             result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
             result["model"] = str(models.save(whole, out / "model", whole_ema.state_dict()))
     return result
@@ -324,7 +386,49 @@ def _rows(batch: dict, sl) -> dict:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+    """Tensors to the device (nested dicts alike); other values (a list of captions) as they are."""
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _to_device(batch: dict, device) -> dict:
+    """_to, but on CUDA from pinned memory and without blocking (a copy from pageable memory can wait
+    for the device)."""
+    if device.type != "cuda":
+        return _to(batch, device)
+
+    def move(v):
+        if not isinstance(v, torch.Tensor):  # other values (a list of captions) as they are
+            return v
+        pinned = v if v.device.type != "cpu" or v.is_pinned() else v.contiguous().pin_memory()
+        return pinned.to(device, non_blocking=True)
+    return {k: _to_device(v, device) if isinstance(v, dict) else move(v) for k, v in batch.items()}
+
+
+def _draws(model, seed: int, step: int, B: int, rank: int, world: int, device) -> dict:
+    """Step `step`'s per-example draws: the global batch's from (seed, step) on a CPU generator, then this
+    rank's rows, on the device."""
+    draws = model.random(B, torch.Generator().manual_seed(_seed(seed, step)))
+    return _to_device({k: v[rank::world] for k, v in draws.items()}, device)
+
+
+def _optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel per parameter group) where every parameter is a floating tensor on the CPU or
+    a CUDA device; the loop hands a fused AdamW found_inf, which skips a bad step's update on the device
+    (state and step count untouched). Otherwise (other devices) foreach, and the skip reads the flag."""
+    params = list(model.parameters())
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def _match_layouts(opt) -> None:
+    """Optimizer state in its parameter's memory format (loaded state is contiguous; a channels_last
+    parameter's moments must be channels_last too: the fused AdamW walks all of them as flat memory)."""
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _tensorboard(out: Path):
@@ -372,13 +476,17 @@ def _save(out, step, model, ema, opt, cfg, bad, dist, posthoc=None):
 
 
 def _preview(out, step, model, ema, cfg, source):
-    """A grid from the EMA weights on fixed seeds (one row per class when conditional; an
-    autoencoder's: the first training images above their reconstructions)."""
+    """A grid from the EMA weights on fixed seeds (one row per class when class-conditional, one
+    per preview caption when text-conditional; an autoencoder's: the first training images above
+    their reconstructions)."""
     k = model.spec.num_classes
+    texts = model.spec.conditioning.get("preview_prompts") or []
+    rows = max(1, min(k, 10)) if k else max(1, len(texts))
     image = len(model.spec.shape) == 3
-    n = 8 * max(1, min(k, 10)) if image else 1000
-    seeds = [s // 8 + (s % 8) * 1000 for s in range(n)] if k else list(range(n))
-    cond = {"y": torch.tensor([min(i // 8, k - 1) for i in range(n)])} if k else None
+    n = 8 * rows if image else 1000
+    seeds = [s // 8 + (s % 8) * 1000 for s in range(n)] if k or texts else list(range(n))
+    cond = ({"y": torch.tensor([min(i // 8, k - 1) for i in range(n)])} if k else
+            {"caption": [texts[min(i // 8, len(texts) - 1)] for i in range(n)]} if texts else None)
     with ema.swapped(model), torch.no_grad():
         model.eval()
         if hasattr(model, "preview_images"):  # an autoencoder: training images above their reconstructions
