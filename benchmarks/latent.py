@@ -21,57 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cpu_runs import cli_cpu as _cli, done as _done, record as _record, steps_for, train_cpu  # benchmarks/cpu_runs.py
 from tables import table  # benchmarks/tables.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
-QUIET = ["--sample-every", "0", "--threads", "1", "--checkpoint-every", "100000", "--log-every", "50"]
 
-
-def _cli(args: list[str]) -> float:
-    """Run `unifusion ARGS` with one thread; returns the child's CPU seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, "-m", "unifusion", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def _steps_for(train: list[str], budget: float, tmp: Path) -> tuple[int, float]:
-    """Steps that fit `budget` CPU seconds, from pilots of 8 and 8 + k steps (their difference
-    removes start-up and final outputs)."""
-    a = _cli([*train, "--out", str(tmp / "pilot-a"), "--overwrite", "--steps", "8", "--warmup-steps", "1", *QUIET])
-    b = _cli([*train, "--out", str(tmp / "pilot-b"), "--overwrite", "--steps", "40", "--warmup-steps", "1", *QUIET])
-    per_step = max((b - a) / 32, 1e-3)
-    return max(20, int(budget / per_step)), per_step
-
-
-def _train(train: list[str], out: Path, steps: int) -> float:
-    return _cli([*train, "--out", str(out), "--overwrite", "--steps", str(steps),
-                 "--warmup-steps", str(min(200, steps // 10)), *QUIET])
-
-
-def _done(tmp: Path) -> dict:
-    """Rows already measured in a kept folder (--keep): a rerun continues where it stopped."""
-    p = tmp / "done.json"
-    return json.loads(p.read_text()) if p.is_file() else {"ae": {}, "diffusion": {}}
-
-
-def _record(tmp: Path, part: str, key: str, value) -> None:
-    from unifusion.safeio import atomic_write
-    done = _done(tmp)
-    done[part][key] = value
-    atomic_write(tmp / "done.json", json.dumps(done, indent=1, default=str))
 
 
 def autoencoder_rows(args, tmp: Path) -> tuple[list[dict], dict]:
@@ -81,16 +40,16 @@ def autoencoder_rows(args, tmp: Path) -> tuple[list[dict], dict]:
     from unifusion.models.autoencoder import load_autoencoder
     held_out = load(f"shapes-32-test:{args.n}").arrays()[0]
     rows, made = [], {}
-    done = _done(tmp)["ae"]
+    done = _done(tmp, ["ae"])["ae"]
     for f in (4, 8):
         if str(f) in done:  # measured by an earlier run into the same --keep folder
             rows.append(done[str(f)]["row"])
             made[f] = {k: Path(v) if k in ("ae", "latents") else v for k, v in done[str(f)]["made"].items()}
             continue
         train = ["autoencoder", "train", "--data", "shapes-32", "--network", f"ae-f{f}"]
-        steps, per_step = _steps_for(train, args.ae_budget, tmp)
+        steps, per_step = steps_for(train, args.ae_budget, tmp)
         out = tmp / f"ae-f{f}"
-        cpu = _train(train, out, steps)
+        cpu = train_cpu(train, out, steps)
         ae = load_autoencoder(out)
         torch.set_num_threads(1)
         rep = reconstruction_report(ae, held_out, extractor=shapes_features())
@@ -122,7 +81,7 @@ def diffusion_rows(args, made: dict, tmp: Path) -> list[dict]:
         runs.append((f"latent f{f} (unet-digits)", ["train", "--data", str(m["latents"]), "--network", "unet-digits",
                                                     "--network.model_channels", "32"], overhead))
     ref = None
-    done = _done(tmp)["diffusion"]
+    done = _done(tmp, ["diffusion"])["diffusion"]
     for name, train, overhead in runs:
         if name in done:  # measured by an earlier run into the same --keep folder
             rows.append(done[name])
@@ -132,9 +91,9 @@ def diffusion_rows(args, made: dict, tmp: Path) -> list[dict]:
             rows.append({"row": name, "note": f"autoencoder + encoding took {overhead / 60:.1f} of "
                                               f"{args.budget / 60:.1f} CPU-min: nothing left"})
             continue
-        steps, per_step = _steps_for(train, budget, tmp)
+        steps, per_step = steps_for(train, budget, tmp)
         out = tmp / name.split()[0] / name.split()[1]
-        cpu = _train(train, out, steps)
+        cpu = train_cpu(train, out, steps)
         model = models.load(out / "model")
         torch.set_num_threads(1)
         if ref is None:  # the image data and the shapes classifier's features, for pixel and latent alike

@@ -23,6 +23,7 @@ TINY = {
     "dit-s2": dict(input_size=8, hidden_size=32, depth=2, num_heads=2),
     "dit-b2": dict(input_size=8, hidden_size=32, depth=2, num_heads=4, qk_norm="rms"),
     "dit-l2": dict(input_size=8, hidden_size=32, depth=2, num_heads=4),
+    "mmdit-s": dict(hidden_size=32, depth=2, num_heads=4, context_dim=8, emb_dim=16),
 }
 NUM_CLASSES = 5
 

@@ -81,6 +81,8 @@ class TrainConfig:
     text_encoder: str = opt("", "model", "condition on the data's captions through this frozen text encoder: a run of "
                                          "`unifusion encoder train` or a transformers CLIPTextModel / T5EncoderModel "
                                          "folder (the network gets its tokens and pooled vector)")
+    text_pooled: bool = opt(True, "model", "with --text-encoder: also add the encoder's pooled vector to the noise "
+                                           "embedding (SDXL / SD3); false: the tokens through attention only (SD 1.x)")
     sigma_min: float = opt(0.0, "model", "default sampling sigma_min (0 = the process's own range)")
     sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
     grid: str = opt("native", "model", "default sampling grid (native = the process's own discretization)")

@@ -45,12 +45,12 @@ from .npz import npz_arrays
 from .order import StepBatches, StepOrder
 from .shapes import ShapesSource
 from .tar import TarShardSource, write_shards
-from .source import KINDS, ArrayDataset, check_batch, check_finite, check_values, collate, levels
+from .source import KINDS, ArrayDataset, caption_list, captioned, check_batch, check_finite, check_values, collate, levels
 
 __all__ = ["ArrayDataset", "ImageFolderSource", "TarShardSource", "StepBatches", "StepOrder", "KINDS", "load",
            "names", "toys", "levels", "digits", "image_folder", "npz_arrays", "write_image_folder", "write_shards",
            "save_grid", "check_values", "check_finite", "check_images", "check_batch", "collate", "images", "shapes",
-           "ShapesSource"]
+           "ShapesSource", "caption_list", "captioned"]
 
 
 def names() -> list[str]:

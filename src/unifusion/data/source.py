@@ -34,6 +34,50 @@ def check_values(x: Tensor, where: str) -> None:
                          f"{float(x.max()):.6g}] (first outside at index {first})")
 
 
+def caption_list(source, limit: int | None = None, what: str = "the data") -> list[str]:
+    """The captions of the first `limit` items of a source that has them (`captions(indices)`:
+    shapes, tar shards with .txt, latents encoded from captioned images); a ValueError otherwise."""
+    if not callable(getattr(source, "captions", None)) or not getattr(source, "has_captions", True):
+        raise ValueError(f"{what} has no captions: text needs captioned data (the shapes data, WebDataset tar "
+                         "shards with .txt members, or latents encoded from such data)")
+    n = len(source) if limit is None else min(len(source), int(limit))
+    return [c or "" for c in source.captions(range(n))]
+
+
+class Captioned(torch.utils.data.Dataset):
+    """A source whose items also carry their caption, cond["caption"] (a str; batches: a list of
+    str), for the text families. Everything else is the wrapped source's."""
+
+    def __init__(self, source):
+        caption_list(source, 1, what=getattr(source, "source", "the data"))  # has captions, or one clear error
+        self.inner = source
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __getitem__(self, i) -> dict:
+        item = dict(self.inner[i])
+        item["cond"] = {**(item.get("cond") or {}), "caption": self.inner.captions([int(i)])[0] or ""}
+        return item
+
+    def batch(self, indices) -> dict:
+        indices = [int(i) for i in indices]
+        fast = getattr(self.inner, "batch", None)
+        b = dict(fast(indices) if fast is not None else collate([self.inner[i] for i in indices]))
+        b["cond"] = {**(b.get("cond") or {}), "caption": [c or "" for c in self.inner.captions(indices)]}
+        return b
+
+
+def captioned(source) -> Captioned:
+    """`source` with captions in its items (see Captioned); a source without captions is an error."""
+    return source if isinstance(source, Captioned) else Captioned(source)
+
+
 def default_kind(x: Tensor) -> str:
     """"image" for (N, C, H, W), "vector" for (N, D), else "latent"."""
     return {4: "image", 2: "vector"}.get(x.ndim, "latent")

@@ -93,7 +93,7 @@ def held_out_spec(data_spec: str, data_options: dict | None = None) -> tuple[str
         return "digits-test", {}
     p = shapes.parse(data_spec)
     if p is not None and p["split"] == "train":  # the test split: a disjoint index range
-        return f"shapes-{p['resolution']}-test:{SHAPES_HELD_OUT}", dict(data_options or {})
+        return shapes.name(p["variant"], p["resolution"], "test", SHAPES_HELD_OUT), dict(data_options or {})
     if data_spec in toys.TOYS:  # toys are sampled: another seed is fresh data
         return data_spec, {"n": 2000, "seed": 1_000_003}
     return None
@@ -127,13 +127,20 @@ def in_memory(source, limit: int = REFERENCE_LIMIT) -> datasets.ArrayDataset:
     return datasets.ArrayDataset(x, y, source.num_classes or None, source.class_names, source=source.source)
 
 
-def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path) -> Reference:
-    """Training data, its features and statistics; features and statistics are read from
-    `cache_dir` when a cache written for the same data (by content hash) and extractor exists."""
+def reference_data(data_spec: str, data_options: dict) -> tuple[datasets.ArrayDataset, datasets.ArrayDataset | None]:
+    """(the training data, its held-out split or None), in memory, as `reference` scores against."""
     shapes = is_shapes(data_spec)
     train = in_memory(datasets.load(data_spec, **data_options), SHAPES_REFERENCE_LIMIT if shapes else REFERENCE_LIMIT)
     held = held_out_spec(data_spec, data_options)
-    held_out = in_memory(datasets.load(held[0], **held[1])) if held else None
+    return train, (in_memory(datasets.load(held[0], **held[1])) if held else None)
+
+
+def reference(data_spec: str, data_options: dict, extractor, cache_dir: Path, data=None) -> Reference:
+    """Training data, its features and statistics; features and statistics are read from
+    `cache_dir` when a cache written for the same data (by content hash) and extractor exists.
+    data: reference_data(data_spec, data_options) when already loaded."""
+    shapes = is_shapes(data_spec)
+    train, held_out = data if data is not None else reference_data(data_spec, data_options)
     meta = {"data": data_spec, "n": len(train), "features": extractor.name, "sha1": _fingerprint(train.x)}
     stem = f"ref-{Path(data_spec).name or 'data'}-{extractor.name}"
     feats_path, stats_path = cache_dir / f"{stem}-features.npz", cache_dir / f"{stem}-stats.npz"
@@ -243,8 +250,14 @@ def nll(model, data: datasets.ArrayDataset, n: int, probes: int = 1, seed: int =
     data gets -log2 p(x) / dim. Conditional models are scored unconditionally (the null label):
     log p(x). For the PF-ODE families the divergence is Hutchinson's estimator with `probes`
     Rademacher probes (64 dims make the exact trace 64 backward passes per call); RK45 at
-    rtol = atol = 1e-5. Coupling flows give log p(x) exactly.
+    rtol = atol = 1e-5. Coupling flows give log p(x) exactly. "method" in the result says which:
+    "exact" (change of variables, no probes) or "pf-ode".
     """
+    if n < 1 or n > len(data):
+        raise ValueError(f"--nll must be in 1..{len(data)} (the examples there are to score), got {n}")
+    if probes < 1:
+        raise ValueError(f"--probes must be >= 1, got {probes}")
+    exact = bool(getattr(model, "one_pass", False))  # a coupling flow: its own exact log p(x), not a PF-ODE
     device = model.device
     x = data.x[:n].to(device)
     levels = datasets.levels(data)
@@ -264,7 +277,8 @@ def nll(model, data: datasets.ArrayDataset, n: int, probes: int = 1, seed: int =
         out.append(bits_per_dim(lp, dim, levels) if levels else -lp / (dim * math.log(2)))
     bpd = torch.cat(out)
     return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))), "n": len(bpd),
-            "levels": levels, "nfe": nfe, "probes": probes}
+            "levels": levels, "nfe": nfe, "probes": None if exact else probes,
+            "method": "exact" if exact else "pf-ode"}
 
 
 # ------------------------------------------------------------------------------ output
@@ -359,11 +373,11 @@ def plot_cfg(rows: list[Row], path: Path) -> Path:
 
 
 def ema_sweep(args, model, ref, sampler: str, nfe: int, grid) -> list[tuple[float, Row]]:
-    """One row per post-hoc EMA std (cli/ema.py reconstructs the weights)."""
-    from ..cli.ema import model_with, parse_stds, snapshots_of
+    """One row per post-hoc EMA std (training/ema.py reconstructs the weights)."""
     from ..training import ema as E
+    from ..training.ema import model_with, parse_stds, snapshots_of
     _, snaps = snapshots_of(args.checkpoint)
-    stds = parse_stds(args.ema_sweep)
+    stds = parse_stds(args.ema_sweep, "--ema-sweep")
     made = [(std, E.reconstruct(snaps, std)[0]) for std in stds]  # every std fits, or nothing is scored
     rows = []
     for std, weights in made:
@@ -423,8 +437,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)), help="NFE budgets of the sweep")
     p.add_argument("--cfg-scales", default="1", help="classifier-free guidance scales, e.g. 1,1.5,2,3 (1 = conditional)")
     p.add_argument("--n", type=int, default=1500, help="samples per setting")
+    p.add_argument("--geneval", type=int, default=25, metavar="N",
+                   help="text-conditional shapes models: GenEval-style prompts per task, seen and held-out combinations")
     p.add_argument("--nll", type=int, default=0, metavar="N", help="also the bits/dim of N held-out examples (PF-ODE; exact for coupling flows)")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes for --nll (PF-ODE families)")
     p.add_argument("--inception", default=None, help="Inception-v3 weights (.safetensors) for FID on other images")
     p.add_argument("--batch-size", type=int, default=500, help="samples per batch")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
@@ -432,14 +448,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_dir(checkpoint) -> Path:
-    """The run folder a checkpoint path belongs to (outputs go next to the run, never inside a
-    checkpoint folder, which pruning may delete)."""
-    p = Path(checkpoint)
-    if p.is_file():
-        p = p.parent
-    if p.name.startswith("step-") and p.parent.name == "checkpoints":
-        return p.parent.parent
-    return p.parent if p.name == "checkpoints" else p
+    """The run folder a checkpoint path belongs to (models.io.run_folder)."""
+    from ..models.io import run_folder
+    return run_folder(checkpoint)
 
 
 def run(args) -> dict:
@@ -449,16 +460,24 @@ def run(args) -> dict:
         raise ValueError(f"--n must be >= 4 (precision/recall use 3 nearest neighbours), got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.nll < 0:
+        raise ValueError(f"--nll must be >= 0 (how many held-out examples to score; 0: none), got {args.nll}")
+    if args.probes < 1:
+        raise ValueError(f"--probes must be >= 1, got {args.probes}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
-    if model.spec.family == "autoencoder":  # nothing to sample: PSNR, SSIM and rFID of reconstructions
+    if model.scores == "retrieval":  # a text-image encoder: retrieval and zero-shot attributes
+        from .textimage import run_retrieval
+        return run_retrieval(args, model)
+    if model.scores == "reconstructions":  # an autoencoder samples nothing: PSNR, SSIM and rFID of reconstructions
         from .reconstruction import run_reconstruction
         return run_reconstruction(args, model)
     spec, nc = model.spec, model.spec.num_classes
     out = Path(args.out) if args.out else run_dir(args.checkpoint) / "eval"
     scales = _items(args.cfg_scales, "--cfg-scales")
-    if any(s != 1 for s in scales) and not nc:
-        raise ValueError("--cfg-scales other than 1 need a class-conditional model; this one is unconditional")
+    text = spec.conditioning.get("kind") == "text"
+    if any(s != 1 for s in scales) and not nc and not text:
+        raise ValueError("--cfg-scales other than 1 need a conditional model; this one is unconditional")
     if model.one_pass:  # a coupling flow: one inverse pass, no sampler / NFE / grid to sweep
         names, nfes, grid_names = [ONE_PASS], [1], ["-"]
     elif args.sweep:
@@ -481,23 +500,36 @@ def run(args) -> dict:
     if not source:
         raise ValueError("the model's spec does not name its training data (spec.data.source), so there is "
                          "nothing to score against")
-    out.mkdir(parents=True, exist_ok=True)
     if args.nll and spec.data.get("kind") == "latent":
         raise ValueError("--nll of a latent model would be the density of its latents, not of images (the "
                          "decoder has no tractable likelihood); evaluate it without --nll")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for eval.csv and eval.json")
     # a latent model's samples are decoded images: scored like images against its image data
     shape = tuple(spec.data["image_shape"]) if spec.data.get("kind") == "latent" else spec.shape
-    ref = reference(source, spec.data.get("options", {}), feature_extractor(shape, args.inception, source), out)
+    data = reference_data(source, spec.data.get("options", {}))
+    if args.nll:  # checked before anything is sampled or written
+        scored = data[1] if data[1] is not None else data[0]
+        if args.nll > len(scored):
+            which = "held-out" if data[1] is not None else "training"
+            raise ValueError(f"--nll {args.nll} is more than the {len(scored)} {which} examples there are to score; "
+                             f"pass --nll {len(scored)} or fewer")
+    extractor = feature_extractor(shape, args.inception, source)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = reference(source, spec.data.get("options", {}), extractor, out, data=data)
     where = model.info.get("where")
     step = model.info.get("step")
     note = ("" if ref.digits or not isinstance(ref.extractor, fx.DigitsFeatures) else
             "; NOTE: the data is not sklearn's digits, so the digits feature network is only a proxy and no "
             "class accuracy is reported")
-    kind = (f"{spec.family}, {spec.network['class']}" if model.one_pass else
+    kind = (f"{spec.family}, {(spec.network or {}).get('class', '-')}" if model.one_pass else
             f"{spec.family}, {spec.process['name']}/{spec.parametrization['name']}")
     print(f"model: {where} (step {step}, {kind}, "
           f"{model.info['weights']} weights); reference: {source} ({len(ref.train)} examples), "
           f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}{note}")
+    if text:  # prompts: prompt following (GenEval-style), FID from held-out captions, image-text score
+        from .text2image import run_text
+        return run_text(args, model, ref, out, scales, names[0], nfes[0])
     floor = real_data_row(ref)
     settings = [(s, k, g, w) for w in scales for g in grid_names for s in names for k in nfes]
     rows = []
@@ -534,8 +566,10 @@ def run(args) -> dict:
         r = nll(model, data, args.nll, args.probes, batch_size=args.batch_size)
         result["nll"] = {**r, "data": which}
         how = f"uniform dequantization, {r['levels']} levels" if r["levels"] else "continuous data"
+        method = ("exact log-likelihood (change of variables)" if r["method"] == "exact" else
+                  f"PF-ODE, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE function evaluations")
         print(f"NLL: {r['bits_per_dim']:.3f} +- {r['stderr']:.3f} bits/dim on {r['n']} {which} examples "
-              f"(PF-ODE, {how}, Hutchinson with {r['probes']} probe(s), {r['nfe']} ODE function evaluations)")
+              f"({how}, {method})")
     atomic_write(out / "eval.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'eval.csv'} and {out / 'eval.json'}"
           + "".join(f" and {result[k]}" for k in ("plot", "cfg_plot") if k in result))

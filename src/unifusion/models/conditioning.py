@@ -117,14 +117,16 @@ class TextConditioning(nn.Module):
     ENCODED = ("context", "context_mask", "pooled")  # the keys of a prepared (encoded) cond
     CACHE_LIMIT = 200_000  # captions kept encoded in memory (the cache is cleared when full)
 
-    def __init__(self, record: dict, dim: int, drop: float = 0.1):
+    def __init__(self, record: dict, dim: int, drop: float = 0.1, pooled: bool = True):
         super().__init__()
         if not 0 <= drop <= 1:
             raise ValueError(f"caption dropout must be in [0, 1], got {drop}")
         self.record, self.p_drop, self.num_classes = dict(record), drop, 0
         d = int(record["pooled_dim"])
-        # pooled text -> the network's embedding, added to the noise embedding (SD3 / SDXL's pooled path)
-        self.pooled = nn.Sequential(nn.Linear(d, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # pooled text -> the network's embedding, added to the noise embedding (SD3 / SDXL's pooled path);
+        # without it (SD 1.x) the network sees the caption only through attention to its tokens
+        self.pooled = nn.Sequential(nn.Linear(d, dim), nn.SiLU(), nn.Linear(dim, dim)) if pooled else None
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows the model's device
         self.__dict__["_encoder"] = None  # not a submodule: frozen, outside state_dict / optimizer / DDP
         self.__dict__["_cache"] = {}
 
@@ -132,7 +134,7 @@ class TextConditioning(nn.Module):
         enc = self.__dict__["_encoder"]
         if enc is None:
             from .text_encoders import check_text_encoder, load_text_encoder
-            enc = load_text_encoder(self.record["path"], device=self.pooled[0].weight.device)
+            enc = load_text_encoder(self.record["path"], device=self.anchor.device)
             check_text_encoder(enc, self.record)
             self.__dict__["_encoder"] = enc
         return enc
@@ -151,7 +153,7 @@ class TextConditioning(nn.Module):
                 for i, c in enumerate(part):
                     cache[c] = (tokens[i], mask[i], pooled[i])
         rows = [cache[c] for c in captions]
-        device = self.pooled[0].weight.device
+        device = self.anchor.device
         return tuple(torch.stack([r[j] for r in rows]).to(device) for j in range(3))
 
     def _captions(self, cond: dict | None, batch: int) -> list[str]:
@@ -178,7 +180,10 @@ class TextConditioning(nn.Module):
             tokens, mask, pooled = (cond[k] for k in self.ENCODED)
         else:
             tokens, mask, pooled = self.encode(self._captions(cond, batch))
-        return {"emb": self.pooled(pooled.to(self.pooled[0].weight.dtype)), "context": tokens, "context_mask": mask}
+        out = {"context": tokens, "context_mask": mask}
+        if self.pooled is not None:
+            out["emb"] = self.pooled(pooled.to(self.pooled[0].weight.dtype))
+        return out
 
     def null(self, batch: int, device=None) -> dict:
         return {"caption": [""] * batch}
@@ -199,5 +204,6 @@ def build(spec_conditioning: dict, dim: int) -> nn.Module:
     if kind == "class":
         return ClassConditioning(spec_conditioning["num_classes"], dim, spec_conditioning.get("drop", 0.0))
     if kind == "text":
-        return TextConditioning(spec_conditioning["encoder"], dim, spec_conditioning.get("drop", 0.0))
+        return TextConditioning(spec_conditioning["encoder"], dim, spec_conditioning.get("drop", 0.0),
+                                spec_conditioning.get("pooled", True))
     raise ValueError(f"unknown conditioning kind {kind!r}; choose 'none', 'class' or 'text'")
