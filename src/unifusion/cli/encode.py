@@ -19,7 +19,8 @@ def run_encode(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ae = load_autoencoder(args.autoencoder, device=device)
     options = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels),
-                                 ("skip_corrupt", args.skip_corrupt)) if v}
+                                 ("skip_corrupt", args.skip_corrupt), ("keep_size", getattr(args, "keep_size", False)),
+                                 ("max_area", getattr(args, "max_area", 0))) if v}
     try:
         source = datasets.load(args.data, **options)
     except ValueError as e:  # an image folder of mixed sizes: name the size the autoencoder takes

@@ -6,10 +6,12 @@ from __future__ import annotations
 import operator
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .images import UnreadableImage, decode, list_folder, size_mismatch, to_channels
+from .images import (UnreadableImage, cap_area, capped_size, check_variable_size, decode, header_size, list_folder,
+                     own_sizes, size_mismatch, to_channels)
 from .source import collate
 
 PROBE = 16  # images read at construction to infer channels and the size, and to fail early
@@ -31,13 +33,19 @@ class ImageFolderSource(torch.utils.data.Dataset):
         that file's label, so the replacement is deterministic whatever the worker; the first
         one a process meets is warned about, and each process lists the ones it met in
         `.skipped`. Without it, reading such a file raises, naming it and --skip-corrupt.
+    keep_size / max_area: every image keeps its own size (max_area > 0: scaled down, aspect ratio kept, to at
+        most that many pixels); `variable_size` is then True, `sizes(indices)` gives each (h, w) (every
+        file's header is read once, here), `shape` is (C, largest h, largest w), and training packs them
+        (--pack-tokens, data/packing.py).
     `.files` and `.labels` (int64 (N,) or None) are the listing, in index order.
     """
 
     kind = "image"
 
     def __init__(self, path, image_size: int | None = None, channels: int | None = None,
-                 skip_corrupt: bool = False, probe: int = PROBE):
+                 skip_corrupt: bool = False, probe: int = PROBE, keep_size: bool = False, max_area: int | None = None):
+        self.variable_size = check_variable_size(image_size, keep_size, max_area)
+        self.max_area = int(max_area) if max_area else None
         root, files, class_names = list_folder(path, image_size, channels)
         self.root, self.source = root, str(root)
         self.files = [str(p) for p, _ in files]
@@ -50,6 +58,17 @@ class ImageFolderSource(torch.utils.data.Dataset):
         self._first, c = self._probe(max(1, int(probe)))
         self.channels = channels or c
         self.shape = (self.channels, *self._first[1])
+        if self.variable_size:
+            self._sizes = own_sizes(len(self.files), lambda j: capped_size(*header_size(self.files[j]), self.max_area),
+                                    self.skip_corrupt, self._note_skipped)
+            self.shape = (self.channels, *(int(v) for v in self._sizes.max(0)))
+
+    def sizes(self, indices):
+        """(len(indices), 2) (h, w) of the items (every one the same without keep_size / max_area)."""
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if not self.variable_size:
+            return np.tile(np.array([self.shape[1:]], dtype=np.int64), (len(idx), 1))
+        return self._sizes[idx]
 
     def _probe(self, k: int) -> tuple[tuple[str, tuple[int, int]], int]:
         """Read the first k readable files: (the first one's path and (H, W)), inferred channels."""
@@ -64,7 +83,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
                 j += 1
                 continue
             first = first or (self.files[j], tuple(t.shape[1:]))
-            if tuple(t.shape[1:]) != first[1]:
+            if tuple(t.shape[1:]) != first[1] and not self.variable_size:
                 raise size_mismatch(first[0], first[1], self.files[j], t.shape[1:])
             gray.append(is_gray)
             j += 1
@@ -81,7 +100,9 @@ class ImageFolderSource(torch.utils.data.Dataset):
     def _item(self, j: int) -> dict:
         """Item j decoded: {"x0": (C, H, W) in [-1, 1], "cond": {"y": label}} (no cond if unlabelled)."""
         t, _ = decode(self.files[j], self.image_size)
-        if tuple(t.shape[1:]) != self._first[1]:
+        if self.variable_size:
+            t = cap_area(t, self.max_area)
+        elif tuple(t.shape[1:]) != self._first[1]:
             raise size_mismatch(self._first[0], self._first[1], self.files[j], t.shape[1:])
         item = {"x0": (to_channels(t, self.channels) * 2 - 1).contiguous()}
         if self.labels is not None:
@@ -101,6 +122,9 @@ class ImageFolderSource(torch.utils.data.Dataset):
         """(x (n, C, H, W), y (n,) or None): the first `limit` items (all when None) decoded into
         memory, by `num_workers` DataLoader workers when > 0."""
         n = len(self) if limit is None else max(0, min(int(limit), len(self)))
+        if self.variable_size and len(np.unique(self._sizes[:n], axis=0)) > 1:
+            raise ValueError(f"{self.root} holds images of several sizes (keep_size / max_area): they do not stack "
+                             "into one array; evaluate against a folder read at one --image-size")
         if n == 0:
             return torch.empty((0, *self.shape)), None if self.labels is None else torch.empty(0, dtype=torch.int64)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self, range(n)), batch_size=batch_size,

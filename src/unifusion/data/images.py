@@ -154,6 +154,68 @@ def decode(path, image_size: int | None) -> tuple[Tensor, bool]:
     return (t if image_size is None else _resize_crop(t, int(image_size))), is_gray
 
 
+# ------------------------------------------------------------------ images of their own sizes
+def capped_size(h: int, w: int, max_area: int | None) -> tuple[int, int]:
+    """(h, w) scaled down, aspect ratio kept, to at most max_area pixels (None or 0: as it is)."""
+    if not max_area or h * w <= max_area:
+        return int(h), int(w)
+    s = math.sqrt(max_area / (h * w))
+    return max(1, math.floor(h * s)), max(1, math.floor(w * s))
+
+
+def cap_area(t: Tensor, max_area: int | None) -> Tensor:
+    """(C, H, W) in [0, 1] resized (bicubic, antialiased) to capped_size; unchanged when it fits."""
+    h, w = capped_size(t.shape[1], t.shape[2], max_area)
+    if (h, w) == tuple(t.shape[1:]):
+        return t
+    return F.interpolate(t[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+def header_size(src) -> tuple[int, int]:
+    """(h, w) of an image file or bytes stream from its header alone (PIL opens lazily)."""
+    from PIL import Image
+    try:
+        with Image.open(src) as img:
+            w, h = img.size
+    except Exception as e:
+        raise UnreadableImage(f"cannot read image {getattr(src, 'name', src)}: {e}; pass skip_corrupt=True "
+                              "(CLI: --skip-corrupt) to skip unreadable files") from e
+    return int(h), int(w)
+
+
+def own_sizes(n: int, size_of, skip_corrupt: bool, note) -> "np.ndarray":
+    """(n, 2) (h, w) of every item from size_of(j); an unreadable one takes the size of the next readable
+    index (cyclically), as its item does (folder.readable_item), when skip_corrupt."""
+    out = np.zeros((n, 2), dtype=np.int64)
+    bad = []
+    for j in range(n):
+        try:
+            out[j] = size_of(j)
+        except UnreadableImage:
+            if not skip_corrupt:
+                raise
+            note(j)
+            bad.append(j)
+    ok = np.setdiff1d(np.arange(n), bad)
+    if not len(ok):
+        raise ValueError("no readable images")
+    for j in bad:
+        out[j] = out[ok[np.searchsorted(ok, j) % len(ok)]]
+    return out
+
+
+def check_variable_size(image_size, keep_size: bool, max_area) -> bool:
+    """Whether a folder / tar source keeps each image's size (keep_size or max_area), refusing both at once
+    with image_size (one square for every image)."""
+    if max_area is not None and int(max_area) < 0:
+        raise ValueError(f"max_area must be >= 0 pixels, got {max_area}")
+    variable = bool(keep_size or max_area)
+    if variable and image_size:
+        raise ValueError("--image-size resizes every image to one square, --keep-size / --max-area keep each "
+                         "image's own size (packed training): give one")
+    return variable
+
+
 def to_channels(t: Tensor, channels: int) -> Tensor:
     """(C, H, W) -> (channels, H, W): RGB to ITU-R 601 luminance, or gray repeated to 3."""
     if channels == 1 and len(t) == 3:
@@ -167,7 +229,8 @@ def size_mismatch(first, first_hw, path, hw) -> ValueError:
     """The error for images of different sizes read without image_size."""
     (h0, w0), (h1, w1) = tuple(first_hw), tuple(hw)
     return ValueError(f"images differ in size: {first} is {w0}x{h0} but {path} is {w1}x{h1}; "
-                      f"pass image_size=N (CLI: --image-size N) to resize and center-crop all to NxN")
+                      f"pass image_size=N (CLI: --image-size N) to resize and center-crop all to NxN, or keep_size=True "
+                      f"(CLI: --keep-size, optionally --max-area A) to train on each size, packed (--pack-tokens)")
 
 
 def image_folder(path, image_size: int | None = None, channels: int | None = None,

@@ -71,7 +71,8 @@ class StepBatches:
     this process (with `source.batch(indices)` when the source has it); num_workers > 0 uses a
     DataLoader whose batch_sampler yields the same index lists (persistent workers, each keeping
     `prefetch_factor` batches in flight), so the batches do not depend on num_workers. Sources
-    must be deterministic per index. Use as an iterator (`next(batches)`); `close()` (or `with`)
+    must be deterministic per index. A source with `step_order(seed, batch_size, world, rank)` (the
+    packed source of data/packing.py) supplies its own order (an object with `indices(step)`). Use as an iterator (`next(batches)`); `close()` (or `with`)
     stops the workers, and a later `next` starts them again at `.step`, the next batch's step.
     """
 
@@ -81,7 +82,9 @@ class StepBatches:
         if start_step < 0 or num_workers < 0:
             raise ValueError(f"start_step and num_workers must be >= 0, got {start_step} and {num_workers}")
         self.source, self.num_workers = source, int(num_workers)
-        self.order = StepOrder(len(source), seed, batch_size, world_size, rank)
+        own = getattr(source, "step_order", None)  # a source with its own order (data/packing.py: token budgets)
+        self.order = (own(seed, batch_size, world_size, rank) if callable(own)
+                      else StepOrder(len(source), seed, batch_size, world_size, rank))
         self.step, self.end_step = int(start_step), end_step
         self._loader_args = dict(prefetch_factor=prefetch_factor, pin_memory=pin_memory)
         self._it: Iterator[dict] | None = None

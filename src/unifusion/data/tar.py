@@ -50,8 +50,7 @@ from torch import Tensor
 from ..safeio import atomic_path, atomic_write
 from .folder import PROBE, ImageFolderSource, readable_item
 from .images import (IMAGE_EXTENSIONS, UnreadableImage, _read, _resize_crop, _to_uint8, cap_area, capped_size,
-                     check_images, check_variable_size, header_size, own_sizes, size_mismatch,
-                     to_channels)
+                     check_images, check_variable_size, header_size, own_sizes, size_mismatch, to_channels)
 
 IMAGE_EXTS = tuple(e.lstrip(".") for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
                    if e in IMAGE_EXTENSIONS)  # preference order when a sample has several

@@ -275,7 +275,8 @@ def text_conditioning(cfg, source, conditional: bool) -> dict:
     enc = load_text_encoder(cfg.text_encoder)
     previews = list(dict.fromkeys(c for c in captions if c))[:PREVIEW_PROMPTS]
     enc.encode(previews[:1] or [""])  # a broken encoder fails here, before step 0
-    return {"kind": "text", "drop": cfg.cond_drop, "encoder": enc.describe(), "preview_prompts": previews}
+    return {"kind": "text", "drop": cfg.cond_drop, "encoder": enc.describe(), "pooled": bool(cfg.text_pooled),
+            "preview_prompts": previews}
 
 
 # ---------------------------------------------------------------------- data space

@@ -16,11 +16,11 @@ caption's real tokens only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import GAUProjections, check_attention, mix
-from .dit import FinalLayer, grid_positions, modulation, patch_tokens, per_image_noise, sincos_2d, sincos_pos_embed_2d
+from .dit import (FinalLayer, grid_positions, modulation, patch_tokens, per_image_noise, sincos_2d,
+                  sincos_pos_embed_2d)
 from .layers import NoiseEmbedding, maybe_checkpoint, modulated_layer_norm, qk_norm_layer, zero_
 from .packing import Pack, Segments
 from .text import masked_attention
