@@ -7,7 +7,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from . import adaptive, ancestral, consistency, dpmpp, grids, multistep, ode, sde, unipc  # noqa: F401  (registers)
+from . import adaptive, ancestral, consistency, dpmpp, grids, logprob, multistep, ode, sde, unipc  # noqa: F401  (registers)
 from .registry import NonFiniteError, Spec, get, names, register
 
 __all__ = ["sample", "names", "get", "register", "Spec", "grids", "make_denoise", "Denoise", "NonFiniteError",
