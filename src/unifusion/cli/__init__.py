@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -32,7 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             msg += "; nothing was replaced: free some space and retry"
         print(f"unifusion: error: {msg}", file=sys.stderr)
+        if _collective_failed(e):
+            # a peer that died or froze mid-collective can leave the process group's threads waiting on
+            # it, and the interpreter's teardown would wait on them forever; checkpoints are already safe
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER)
         return EXIT_USER
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """An error in a process that ran collectives (torchrun): gloo reports a peer's timeout or reset
+    as a plain RuntimeError, so any error there counts."""
+    dist = sys.modules.get("unifusion.training.distributed")
+    return bool(getattr(dist, "STARTED", False))
 
 
 def _version() -> str:

@@ -210,6 +210,11 @@ def _map(tree, fn):
     return tree
 
 
+# set once this process has started a process group: the CLI then ends a failed run with os._exit, since
+# a peer that froze mid-collective can leave the backend's threads waiting and block interpreter teardown
+STARTED = False
+
+
 def setup(device: str = "auto", timeout_s: float | None = None, sharding: str = "ddp") -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group when there are
     several. The collective timeout (UNIFUSION_DIST_TIMEOUT seconds, default 120) turns a dead
@@ -227,6 +232,8 @@ def setup(device: str = "auto", timeout_s: float | None = None, sharding: str = 
     if world > 1 and not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("UNIFUSION_DIST_TIMEOUT", "120")))
         tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
+        global STARTED
+        STARTED = True
     return Dist(rank, world, local, dev, sharding)
 
 
