@@ -118,3 +118,61 @@ def test_check_accepts_grids_and_names_what_is_wrong():
                        ([1.0, math.nan, 0.0], "NaN at index 1")]:
         with pytest.raises(ValueError, match=match):
             grids.check(torch.tensor(bad, dtype=torch.float64), 80.0)
+
+
+# ---------------------------------------------------------------- a new model's default grid (--grid auto)
+def _spec(**kw):
+    from unifusion import config as C
+    from unifusion import data as datasets
+    cfg = C.from_dict({"data": "moons", "network": "mlp-2d", "out": "unused", **kw})
+    return C.model_spec(cfg, datasets.load("moons", n=64))
+
+
+@pytest.mark.parametrize("process, param", [("edm", "edm"), ("ve", "eps"), ("vp", "eps"), ("subvp", "eps"),
+                                            ("ddpm", "eps"), ("flow", "velocity")])
+def test_a_new_model_samples_on_its_process_default_grid(process, param):
+    """--grid auto (the default) records the process's measured default in the spec; a named grid,
+    native included, is kept as given; a range starting at sigma = inf keeps a grid that can start there."""
+    spec = _spec(process=process, parametrization=param)
+    assert spec.grid["name"] == P.PROCESSES[process]().default_grid
+    assert _spec(process=process, parametrization=param, grid="native").grid["name"] == "native"
+    if process != "flow":
+        assert spec.grid["name"] == "tuned"
+    else:  # sigma_max = inf: only uniform_t / sd3 / native can start there
+        assert spec.grid["name"] == "native" and math.isinf(spec.sigma_max)
+    assert _spec(process="edm", sigma_max=math.inf).grid["name"] == "native"
+
+
+@pytest.mark.parametrize("process", ["edm", "ve", "vp", "subvp"])
+def test_the_default_grid_beats_the_native_one_on_a_held_out_mixture(process):
+    """The choice benchmarks/defaults.py made, on a 2-D mixture it never saw (seed 21): dpmpp_2m on the
+    process's default grid is more accurate than on its native grid at NFE 10 and 20, over its own range.
+    (DDPM's default comes from the trained toys, where native is 1.5x worse; on mixtures the two are
+    within 25% of each other, which the second test holds it to.)"""
+    import unifusion as uf
+    from unifusion.evaluation.mixture import GaussianMixture
+    proc = P.PROCESSES[process]()
+    lo, hi = proc.sigma_range()
+    gm = GaussianMixture.random(2, 8, seed=21)
+    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * hi
+    ref = gm.pf_ode(x, hi, 0.0, tol=1e-10)
+    for nfe in (10, 20):
+        err = {g: float(((uf.sample(gm.denoise, x, "dpmpp_2m", nfe=nfe, sigma_min=lo, sigma_max=hi, grid=g,
+                                     process=proc) - ref) ** 2).mean().sqrt()) for g in (proc.default_grid, "native")}
+        assert err[proc.default_grid] < err["native"], (nfe, err)
+
+
+def test_ddpm_default_grid_is_close_to_native_on_a_held_out_mixture():
+    import unifusion as uf
+    from unifusion.evaluation.mixture import GaussianMixture
+    proc = P.DDPM()
+    lo, hi = proc.sigma_range()
+    gm = GaussianMixture.random(2, 8, seed=21)
+    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * hi
+    ref = gm.pf_ode(x, hi, 0.0, tol=1e-10)
+    logs = []
+    for nfe in (10, 20):
+        e = [float(((uf.sample(gm.denoise, x, "dpmpp_2m", nfe=nfe, sigma_min=lo, sigma_max=hi, grid=g,
+                                process=proc) - ref) ** 2).mean().sqrt()) for g in (proc.default_grid, "native")]
+        logs.append(math.log(e[0] / e[1]))
+    assert math.exp(sum(logs) / len(logs)) < 1.25, logs

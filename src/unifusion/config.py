@@ -85,7 +85,8 @@ class TrainConfig:
                                            "embedding (SDXL / SD3); false: the tokens through attention only (SD 1.x)")
     sigma_min: float = opt(0.0, "model", "default sampling sigma_min (0 = the process's own range)")
     sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
-    grid: str = opt("native", "model", "default sampling grid (native = the process's own discretization)")
+    grid: str = opt("auto", "model", "default sampling grid (auto = the grid measured most accurate for the process, "
+                                     "benchmarks/defaults.py; native = the process's own discretization)")
     # ---- optimisation
     steps: int = opt(2400, "optimisation", "training steps (the default run: about 4 minutes on 2 CPU cores)")
     batch_size: int = opt(128, "optimisation", "global batch: over all ranks and accumulation steps")
@@ -156,7 +157,7 @@ class TrainConfig:
                              "over sharded gradients, not supported); use bf16")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("sample_sampler", self.sample_sampler, samplers.names())
-        _choice("grid", self.grid, list(grids.GRIDS) + ["native"])
+        _choice("grid", self.grid, list(grids.GRIDS) + ["native", "auto"])
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_nfe",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:

@@ -24,6 +24,9 @@ class Process:
     t_min = 0.0
     t_max = 1.0
     native_grid = "uniform_t"  # the discretization its paper samples with (samplers/grids.py)
+    # a new model's default grid (`--grid auto`): the most accurate for this process's range with the default
+    # sampler on held-out exact mixtures, chosen by benchmarks/defaults.py (BENCHMARKS.md, "Default grids")
+    default_grid = "native"
 
     def s(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -83,6 +86,7 @@ class VE(Process):
     """Variance exploding / SMLD (Song & Ermon 2019; Song et al. 2021 eq. 30): geometric sigma, s = 1."""
 
     name = "ve"
+    default_grid = "tuned"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         _finite(sigma_min=sigma_min, sigma_max=sigma_max)
@@ -111,6 +115,7 @@ class VP(Process):
     """Variance preserving score SDE (Song et al. 2021): abar(t) = exp(-beta_d t^2 / 2 - beta_min t)."""
 
     name = "vp"
+    default_grid = "tuned"
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, t_min: float = 1e-3):
         _finite(beta_min=beta_min, beta_d=beta_d, t_min=t_min)
@@ -147,6 +152,7 @@ class SubVP(VP):
     """Sub-VP score SDE (Song et al. 2021 eq. 29): mean sqrt(abar), std 1 - abar."""
 
     name = "subvp"
+    default_grid = "tuned"
 
     def sigma(self, t):
         return 2 * torch.sinh(0.5 * self._g(t))  # (1 - abar) / sqrt(abar)
@@ -179,6 +185,7 @@ class DDPM(Process):
     """
 
     name = "ddpm"
+    default_grid = "tuned"
     native_grid = "ddpm"
 
     def __init__(self, schedule: str = "linear", T: int = 1000):
@@ -224,6 +231,7 @@ class EDM(Process):
     """EDM (Karras et al. 2022): s = 1, sigma = t."""
 
     name = "edm"
+    default_grid = "tuned"
     native_grid = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):

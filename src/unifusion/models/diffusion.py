@@ -237,13 +237,17 @@ def denoiser_spec(cfg, source, data: dict, made: dict, family: str, conditional:
     if cfg.noise_density == "logit_normal" and cfg.shift != 1:
         density_kwargs.setdefault("shift", cfg.shift)
     densities.make(cfg.noise_density, process, **density_kwargs)  # unknown arguments fail here, before step 0
-    grid = {"name": cfg.grid, "kwargs": {}}
-    if cfg.shift != 1 and cfg.grid in ("native", "sd3"):
-        grid = {"name": "sd3", "kwargs": {"shift": cfg.shift}}
     lo, hi = process.sigma_range()
     # a process whose time starts at sigma = 0 (flow) samples down to EDM's 0.002
     sigma_min = cfg.sigma_min or (lo if lo > 0 else 0.002)
     sigma_max = cfg.sigma_max or hi
+    name = cfg.grid
+    if name == "auto":  # the process's measured default (benchmarks/defaults.py), where it can start
+        name = process.default_grid if not math.isinf(sigma_max) or process.default_grid in S.grids.FROM_INF \
+            else "native"
+    grid = {"name": name, "kwargs": {}}
+    if cfg.shift != 1 and cfg.grid in ("native", "sd3", "auto"):
+        grid = {"name": "sd3", "kwargs": {"shift": cfg.shift}}
     num_classes = source.num_classes if cfg.class_conditional and conditional and text is None else 0
     conditioning = text or ({"kind": "class", "num_classes": num_classes, "drop": cfg.cond_drop,
                              "class_names": source.class_names} if num_classes else {"kind": "none"})
