@@ -42,21 +42,22 @@ demo-latent: $(STAMP)
 
 # text-to-image in miniature on shapes-t2i (32x32 RGB; the held-out attribute combinations never seen in
 # training): a CLIP-loss text encoder, a KL autoencoder (f4, 4x8x8 latents) and the captioned latents, a
-# text-conditional latent UNet with cross-attention; samples of examples/prompts.txt (seen and held-out
-# combinations, one row each) and the GenEval-style scores across CFG scales
+# text-conditional latent UNet with cross-attention at 8x8 and 4x4 (the best of benchmarks/text2image.py's
+# six configurations at 10 CPU-minutes); samples of examples/prompts.txt (seen and held-out combinations, one
+# row each) and the GenEval-style scores at CFG 5 (`unifusion eval --checkpoint runs/t2i --cfg-scales 1,3,5` for more)
 T2I_DATA ?= shapes-t2i-32-train:20000
-T2I_STEPS ?= 3000
+T2I_STEPS ?= 1800
 demo-text: $(STAMP)
-	$(PY) -m unifusion encoder train --data $(T2I_DATA) --steps 400 --width 96 --layers 2 --out runs/t2i-encoder \
-		--overwrite
-	$(PY) -m unifusion autoencoder train --data $(T2I_DATA) --steps 600 --out runs/t2i-ae --overwrite
+	$(PY) -m unifusion encoder train --data $(T2I_DATA) --steps 500 --width 96 --layers 2 --lr 1e-3 \
+		--weight-decay 0.05 --ema-half-life 10000 --out runs/t2i-encoder --overwrite
+	$(PY) -m unifusion autoencoder train --data $(T2I_DATA) --steps 800 --out runs/t2i-ae --overwrite
 	$(PY) -m unifusion encode --autoencoder runs/t2i-ae --data $(T2I_DATA) --batch-size 256 --out runs/t2i-latents \
 		--overwrite
-	$(PY) -m unifusion train --data runs/t2i-latents --text-encoder runs/t2i-encoder/model \
-		--network.model_channels 32 --steps $(T2I_STEPS) --out runs/t2i --overwrite
-	$(PY) -m unifusion sample --checkpoint runs/t2i --prompts examples/prompts.txt --n 8 --cfg 3 \
+	$(PY) -m unifusion train --data runs/t2i-latents --text-encoder runs/t2i-encoder/model --lr 1e-3 \
+		--network.model_channels 32 --network.attn_resolutions '[8,4]' --steps $(T2I_STEPS) --out runs/t2i --overwrite
+	$(PY) -m unifusion sample --checkpoint runs/t2i --prompts examples/prompts.txt --n 8 --cfg 5 \
 		--out runs/t2i/prompts.npz --png runs/t2i/prompts.png --overwrite
-	$(PY) -m unifusion eval --checkpoint runs/t2i --n 300 --geneval 20 --cfg-scales 1,3
+	$(PY) -m unifusion eval --checkpoint runs/t2i --n 300 --geneval 20 --cfg-scales 5
 
 # the layering contract of DESIGN §3 (import-linter, [tool.importlinter] in pyproject.toml), then the tests
 test: $(STAMP)

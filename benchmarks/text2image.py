@@ -138,18 +138,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for i, r in enumerate(rows):
         w = [p["cfg"] for p in r["per_cfg"]]
         c = f"C{i}"
-        axes[0].plot(w, [p["cs_seen"] for p in r["per_cfg"]], "-o", color=c, label=f"{r['run']}: seen")
-        axes[0].plot(w, [p["cs_held"] for p in r["per_cfg"]], "--s", color=c, label="held-out")
-        axes[1].plot(w, [p["fid"] for p in r["per_cfg"]], "-o", color=c, label=r["run"])
-    axes[0].set(xlabel="CFG scale", ylabel="colour+shape accuracy", ylim=(0, 1))
-    axes[1].set(xlabel="CFG scale", ylabel="FID (shapes features)")
-    axes[0].legend(fontsize=6)
-    axes[1].legend(fontsize=6)
-    fig.tight_layout()
+        axes[0].plot(w, [p["cs_seen"] for p in r["per_cfg"]], "-o", color=c, label=r["run"])
+        axes[0].plot(w, [p["cs_held"] for p in r["per_cfg"]], "--s", color=c)
+        axes[1].plot(w, [p["fid"] for p in r["per_cfg"]], "-o", color=c)
+    axes[0].set(xlabel="CFG scale", ylabel="colour+shape accuracy", ylim=(0, 1),
+                title="solid: seen combinations, dashed: held-out")
+    axes[1].set(xlabel="CFG scale", ylabel="FID (shapes features)", title="FID of samples from held-out captions")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -529,7 +529,13 @@ def run(args) -> dict:
           f"features: {ref.extractor.name}; statistics cached in {ref.stats_path}{note}")
     if text:  # prompts: prompt following (GenEval-style), FID from held-out captions, image-text score
         from .text2image import run_text
-        return run_text(args, model, ref, out, scales, names[0], nfes[0])
+        if grid_names[0] == "calibrated":
+            raise ValueError("--grid calibrated is not supported for a text-conditional model's scores; name the "
+                             "grid (e.g. tuned, karras) or use the model's own")
+        if len(grid_names) > 1 or len(names) > 1 or len(nfes) > 1:
+            raise ValueError("a text-conditional model is scored at one sampler, NFE and --grid (and any "
+                             "--cfg-scales); drop --sweep / give one --grid")
+        return run_text(args, model, ref, out, scales, names[0], nfes[0], grid=grid_names[0])
     floor = real_data_row(ref)
     settings = [(s, k, g, w) for w in scales for g in grid_names for s in names for k in nfes]
     rows = []

@@ -20,16 +20,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..safeio import atomic_path, atomic_write
 
 
-def _sample(model, prompts: list[str], cfg: float, sampler: str, nfe: int, batch_size: int, seed0: int = 0):
+def _sample(model, prompts: list[str], cfg: float, sampler: str, nfe: int, batch_size: int, seed0: int = 0,
+            grid: str | None = None):
     with torch.no_grad():
         return model.sample(seeds=range(seed0, seed0 + len(prompts)), prompts=prompts, cfg=cfg, sampler=sampler,
-                            nfe=nfe, batch_size=batch_size)
+                            nfe=nfe, batch_size=batch_size, grid=grid)
 
 
 def image_text_score(model, x: torch.Tensor, captions: list[str], batch_size: int = 500) -> float | None:
@@ -42,8 +42,9 @@ def image_text_score(model, x: torch.Tensor, captions: list[str], batch_size: in
     return float(torch.cat(vals).mean())
 
 
-def run_text(args, model, ref, out: Path, scales: list[float], sampler: str, nfe: int) -> dict:
-    """The evaluation of the module docstring; `ref` is evaluate.reference() of the model's data."""
+def run_text(args, model, ref, out: Path, scales: list[float], sampler: str, nfe: int, grid: str | None = None) -> dict:
+    """The evaluation of the module docstring; `ref` is evaluate.reference() of the model's data; `grid`:
+    the noise grid (None: the model's own)."""
     from . import geneval
     from .evaluate import score
     from .. import data as datasets
@@ -64,14 +65,14 @@ def run_text(args, model, ref, out: Path, scales: list[float], sampler: str, nfe
     real_its = image_text_score(model, ref.held_out.x[:n], captions, args.batch_size)
     for w in scales:
         t0 = time.perf_counter()
-        x = _sample(model, captions, w, sampler, nfe, args.batch_size)
+        x = _sample(model, captions, w, sampler, nfe, args.batch_size, grid=grid)
         seconds = time.perf_counter() - t0
-        row = score(x, None, ref, dict(sampler=sampler, nfe=nfe, grid=spec.grid["name"], cfg_scale=w,
+        row = score(x, None, ref, dict(sampler=sampler, nfe=nfe, grid=grid or spec.grid["name"], cfg_scale=w,
                                        seconds=seconds))
         rec = {"cfg": w, "fid": row.fid, "kid": row.kid, "precision": row.precision, "recall": row.recall,
                "image_text": image_text_score(model, x, captions, args.batch_size), "seconds": seconds}
         if specs:
-            imgs = _sample(model, [s.text for s in specs], w, sampler, nfe, args.batch_size, seed0=10**6)
+            imgs = _sample(model, [s.text for s in specs], w, sampler, nfe, args.batch_size, seed0=10**6, grid=grid)
             split = geneval.seen_vs_held_out(geneval.score(imgs, specs), specs)
             rec["geneval"] = split
             if w == scales[0]:
@@ -80,7 +81,8 @@ def run_text(args, model, ref, out: Path, scales: list[float], sampler: str, nfe
         records.append(rec)
     _print(records, real, real_its, n, args.geneval)
     result = {"checkpoint": str(args.checkpoint), "step": model.info.get("step"), "n": n, "sampler": sampler,
-              "nfe": nfe, "reference": {"fid": real.fid, "image_text": real_its}, "scales": records}
+              "nfe": nfe, "grid": grid or spec.grid["name"], "reference": {"fid": real.fid, "image_text": real_its},
+              "scales": records}
     with atomic_path(out / "eval.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["cfg", "fid", "kid", "precision", "recall", "image_text", "colour_shape_seen",
