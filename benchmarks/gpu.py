@@ -628,13 +628,13 @@ def cli_run(device: torch.device, steps: int, log_every: int, compile_mode: str 
         cfg = config.from_dict({"device": device.type, "steps": steps, "log_every": log_every,
                                 "checkpoint_every": steps, "sample_every": 0, "compile": compile_mode, "out": d,
                                 **(extra or {})})
-        real = L._preview, L._loss_curve
-        L._preview = L._loss_curve = lambda *a, **k: Path(d) / "none.png"
+        real = L._preview, L.log_curve
+        L._preview = L.log_curve = lambda *a, **k: Path(d) / "none.png"
         t0 = time.perf_counter()
         try:
             L.train(cfg, progress=False)
         finally:
-            L._preview, L._loss_curve = real
+            L._preview, L.log_curve = real
         wall = time.perf_counter() - t0
         recs = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
     dt = sorted((b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(recs, recs[1:]))

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = record
         L._preview = lambda *a, **k: Path(d) / "none.png"  # the final sample grid is not a train step
-        L._loss_curve = lambda *a, **k: Path(d) / "none.png"
+        L.log_curve = lambda *a, **k: Path(d) / "none.png"
         cfg = config.from_dict({"device": "cuda", "steps": args.steps, "log_every": args.log_every,
                                 "checkpoint_every": 10**9, "sample_every": 0, "posthoc_every": args.posthoc_every,
                                 "compile": args.compile, "out": d})

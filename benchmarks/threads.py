@@ -29,7 +29,7 @@ def child(threads: int, steps: int) -> dict:
         cfg = config.from_dict({"steps": steps, "out": d, "checkpoint_every": steps, "sample_every": 0,
                                 "log_every": 1, "threads": threads})
         L._preview = lambda *a, **k: None  # time the train steps only
-        L._loss_curve = lambda *a, **k: None
+        L.log_curve = lambda *a, **k: None
         L.train(cfg, progress=False)
         recs = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
         step_s = statistics.median([b["time"] - a["time"] for a, b in zip(recs, recs[1:])][steps // 3:-1])

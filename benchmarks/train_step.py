@@ -64,7 +64,7 @@ def ours(network: str, steps: int, batch: int, grad_ckpt: bool, threads: int) ->
                                 "grad_checkpointing": grad_ckpt, "grad_clip": 0.0, "threads": threads})
         import unifusion.training.loop as L
         L._preview = lambda *a, **k: Path(d) / "none.png"  # the final sample grid is not a train step
-        L._loss_curve = lambda *a, **k: Path(d) / "none.png"
+        L.log_curve = lambda *a, **k: Path(d) / "none.png"
         train(cfg, progress=False)
         recs = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
     dt = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(recs, recs[1:])]

@@ -155,7 +155,7 @@ def _run(tmp_path, name, **kw):
                        "steps": 4, "checkpoint_every": 2, "sample_every": 0, "log_every": 2, "warmup_steps": 2,
                        "sample_nfe": 1, "posthoc_every": 2, "out": str(tmp_path / name), **kw})
     L._preview = lambda *a, **k: tmp_path / "none.png"
-    L._loss_curve = lambda *a, **k: tmp_path / "none.png"
+    L.log_curve = lambda *a, **k: tmp_path / "none.png"
     L.train(cfg, progress=False)
     return checkpoint.load(tmp_path / name)[0]
 
@@ -163,7 +163,7 @@ def _run(tmp_path, name, **kw):
 def test_channels_last_training_equals_the_default_layout_and_resumes_exactly(tmp_path, monkeypatch):
     from unifusion.training import loop as L
     monkeypatch.setattr(L, "_preview", L._preview)
-    monkeypatch.setattr(L, "_loss_curve", L._loss_curve)
+    monkeypatch.setattr(L, "log_curve", L.log_curve)
     plain = _run(tmp_path, "plain")
     cl = _run(tmp_path, "cl", channels_last=True)
     for group in ("model", "ema", "optimizer", "posthoc"):

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .images import (UnreadableImage, cap_area, capped_size, check_variable_size, decode, header_size, list_folder,
-                     own_sizes, size_mismatch, to_channels)
+from .images import (UnreadableImage, cap_area, capped_size, check_variable_size, decode, header_size,
+                     list_folder, own_sizes, size_mismatch, sizes_at, to_channels)
 from .source import collate
 
 PROBE = 16  # images read at construction to infer channels and the size, and to fail early
@@ -65,10 +65,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
 
     def sizes(self, indices):
         """(len(indices), 2) (h, w) of the items (every one the same without keep_size / max_area)."""
-        idx = np.asarray(list(indices), dtype=np.int64)
-        if not self.variable_size:
-            return np.tile(np.array([self.shape[1:]], dtype=np.int64), (len(idx), 1))
-        return self._sizes[idx]
+        return sizes_at(self, indices)
 
     def _probe(self, k: int) -> tuple[tuple[str, tuple[int, int]], int]:
         """Read the first k readable files: (the first one's path and (H, W)), inferred channels."""

@@ -183,6 +183,15 @@ def header_size(src) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def sizes_at(source, indices) -> "np.ndarray":
+    """(len(indices), 2) (h, w) of a folder or tar source's items: its one size, or each item's own
+    (source.variable_size: keep_size / max_area, from source._sizes, made by own_sizes)."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if not source.variable_size:
+        return np.tile(np.array([source.shape[1:]], dtype=np.int64), (len(idx), 1))
+    return source._sizes[idx]
+
+
 def own_sizes(n: int, size_of, skip_corrupt: bool, note) -> "np.ndarray":
     """(n, 2) (h, w) of every item from size_of(j); an unreadable one takes the size of the next readable
     index (cyclically), as its item does (folder.readable_item), when skip_corrupt."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .source import collate
+from .source import Wrapper, collate
 
 
 def item_sizes(source, limit: int | None = None) -> np.ndarray:
@@ -90,7 +90,7 @@ class TokenBudgetOrder:
         return [(g[j] if j < len(g) else -1, len(g), self.B) for j in range(self.rank, self.B, self.world)]
 
 
-class PackedSource(torch.utils.data.Dataset):
+class PackedSource(Wrapper):
     """`source` (items at their own sizes) as the slots of token-budget batches (module docstring).
 
     unit: the size every image is cropped to a multiple of (the network's patch in data pixels);
@@ -120,13 +120,6 @@ class PackedSource(torch.utils.data.Dataset):
                              f"area (--max-area)")
         self.tokens = tok
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def step_order(self, seed: int, batch_size: int, world_size: int = 1, rank: int = 0) -> TokenBudgetOrder:
         """The order StepBatches follows for this source (data/order.py)."""

@@ -44,13 +44,8 @@ def caption_list(source, limit: int | None = None, what: str = "the data") -> li
     return [c or "" for c in source.captions(range(n))]
 
 
-class Captioned(torch.utils.data.Dataset):
-    """A source whose items also carry their caption, cond["caption"] (a str; batches: a list of
-    str), for the text families. Everything else is the wrapped source's."""
-
-    def __init__(self, source):
-        caption_list(source, 1, what=getattr(source, "source", "the data"))  # has captions, or one clear error
-        self.inner = source
+class Wrapper(torch.utils.data.Dataset):
+    """A source around `self.inner`: its length and every attribute it does not define are the inner's."""
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -59,6 +54,16 @@ class Captioned(torch.utils.data.Dataset):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class Captioned(Wrapper):
+    """A source whose items also carry their caption, cond["caption"] (a str; batches: a list of
+    str), for the text families. Everything else is the wrapped source's."""
+
+    def __init__(self, source):
+        caption_list(source, 1, what=getattr(source, "source", "the data"))  # has captions, or one clear error
+        self.inner = source
+
 
     def __getitem__(self, i) -> dict:
         item = dict(self.inner[i])

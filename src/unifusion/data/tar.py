@@ -50,7 +50,8 @@ from torch import Tensor
 from ..safeio import atomic_path, atomic_write
 from .folder import PROBE, ImageFolderSource, readable_item
 from .images import (IMAGE_EXTENSIONS, UnreadableImage, _read, _resize_crop, _to_uint8, cap_area, capped_size,
-                     check_images, check_variable_size, header_size, own_sizes, size_mismatch, to_channels)
+                     check_images, check_variable_size, header_size, own_sizes, size_mismatch, sizes_at,
+                     to_channels)
 
 IMAGE_EXTS = tuple(e.lstrip(".") for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
                    if e in IMAGE_EXTENSIONS)  # preference order when a sample has several
@@ -340,10 +341,7 @@ class TarShardSource(torch.utils.data.Dataset):
 
     def sizes(self, indices):
         """(len(indices), 2) (h, w) of the samples (every one the same without keep_size / max_area)."""
-        idx = np.asarray(list(indices), dtype=np.int64)
-        if not self.variable_size:
-            return np.tile(np.array([self.shape[1:]], dtype=np.int64), (len(idx), 1))
-        return self._sizes[idx]
+        return sizes_at(self, indices)
 
     # ---------------------------------------------------------------- index
     def _index(self) -> None:

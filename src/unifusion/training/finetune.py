@@ -56,11 +56,11 @@ from tqdm.auto import tqdm
 from .. import checkpoint, models, rewards
 from .. import samplers as S
 from ..guidance import classifier_free
-from ..safeio import atomic_path, atomic_write
+from ..safeio import atomic_write
 from ..samplers import logprob as LP
 from . import distributed, lora, run_dir
 from .ema import EMA
-from .loop import STOP_EVERY, _agree, _Interrupt, _seed, lr_at
+from .loop import STOP_EVERY, _agree, _Interrupt, _seed, log_curve, lr_at
 
 METHODS = ("ddpo", "grpo", "draft")
 DEFAULT_SAMPLER = {"ddpo": "ddpm", "grpo": "flow_sde", "draft": "ddim"}
@@ -674,7 +674,8 @@ def _finetune(cfg: FinetuneConfig, dist, out: Path, progress: bool, lock) -> dic
               "interrupted": interrupted, "rank": rank}
     if not interrupted and rank == 0:
         result["model"] = str(save_model(su, ema, cfg, out / "model"))
-        result["reward_curve"] = str(_reward_curve(log_path, out / "reward.png"))
+        result["reward_curve"] = str(log_curve(log_path, out / "reward.png", "reward", "mean reward",
+                                               "fine-tuning step", log_scale=False))
     return result
 
 
@@ -960,19 +961,3 @@ def save_model(su: Setup, ema, cfg, folder: Path) -> Path:
     clean = models.build(spec)
     models.io.load_weights(clean, merged(su), "the fine-tuned weights")
     return models.save(clean, folder, merged(su, ema) if ema is not None else None)
-
-
-def _reward_curve(log_path: Path, png: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in recs], [r["reward"] for r in recs])
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("mean reward")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return png

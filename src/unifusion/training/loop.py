@@ -331,7 +331,7 @@ def _train(cfg, dist, out: Path, progress: bool, lock=None) -> dict:
         whole, whole_ema = _unsharded(model, ema, dist)
         if rank == 0:
             result["samples"] = str(_preview(out, cfg.steps, whole, whole_ema, cfg, source)) if whole.previews else None
-            result["loss_curve"] = str(_loss_curve(log_path, out / "loss.png"))
+            result["loss_curve"] = str(log_curve(log_path, out / "loss.png"))
             result["model"] = str(models.save(whole, out / "model", whole_ema.state_dict()))
     return result
 
@@ -518,16 +518,19 @@ def _scatter(x, data, path):
     plt.close(fig)
 
 
-def _loss_curve(log_path: Path, png: Path) -> Path:
+def log_curve(log_path: Path, png: Path, key: str = "loss", ylabel: str = "training loss", xlabel: str = "step",
+              log_scale: bool = True) -> Path:
+    """A PNG of one log.jsonl column against the step (the training loss; fine-tuning's reward)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.plot([r["step"] for r in recs], [r[key] for r in recs])
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=100)
