@@ -27,7 +27,7 @@ WEIGHTINGS = ("native", "edm", "snr", "min_snr5", "uniform")
 # keys a resumed run may change: they do not alter what is being learned
 RESUME_SAFE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_sampler",
                "sample_nfe", "device", "resume", "out", "num_workers", "threads", "max_bad_steps", "overwrite",
-               "sharding", "compile", "channels_last"}
+               "sharding", "compile", "channels_last", "calibrate"}
 AUTO_NETWORK = "auto"  # the family picks the network for the data
 PREFIXES = {"network": "network_args", "process": "process_args", "density": "density_args"}
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
@@ -87,6 +87,12 @@ class TrainConfig:
     sigma_max: float = opt(0.0, "model", "default sampling sigma_max (0 = the process's own; inf = pure noise)")
     grid: str = opt("auto", "model", "default sampling grid (auto = the grid measured most accurate for the process, "
                                      "benchmarks/defaults.py; native = the process's own discretization)")
+    sampler: str = opt("auto", "model", "default sampler, recorded in the model: what `sample`, `eval` and "
+                                        "model.sample() use when none is named (auto = the sampler measured best "
+                                        "for the process on its default grid, benchmarks/defaults.py; a few-step "
+                                        "student keeps its own)")
+    nfe: int = opt(0, "model", "default denoiser calls, recorded with the sampler (0 = the process's measured "
+                               "default with --sampler auto, else 20)")
     # ---- optimisation
     steps: int = opt(2400, "optimisation", "training steps (the default run: about 4 minutes on 2 CPU cores)")
     batch_size: int = opt(128, "optimisation", "global batch: over all ranks and accumulation steps")
@@ -120,8 +126,13 @@ class TrainConfig:
     checkpoint_every: int = opt(500, "run", "checkpoint every N steps")
     keep_checkpoints: int = opt(3, "run", "how many checkpoints to keep")
     sample_every: int = opt(800, "run", "preview grid every N steps (0 = only at the end)")
-    sample_sampler: str = opt("dpmpp_2m", "run", "sampler of the preview grids")
+    sample_sampler: str = opt("dpmpp_2m", "run", "sampler of the preview grids (with --sample-nfe 20, the defaults: "
+                                                 "the model's own default sampler and NFE)")
     sample_nfe: int = opt(20, "run", "denoiser calls of the preview grids")
+    calibrate: bool = opt(False, "run", "after training, fit the grid of the model's default sampler and NFE to the "
+                                        "model (as `unifusion calibrate --save-to-model`) and store it in its spec, "
+                                        "where default sampling uses it; a resumed run whose model already holds it "
+                                        "keeps it")
     log_every: int = opt(10, "run", "log the loss every N steps")
     resume: bool = opt(False, "run", "continue the run in --out from its latest checkpoint and stored config")
     overwrite: bool = opt(False, "run", "delete an existing run in --out and start a new one")
@@ -158,6 +169,12 @@ class TrainConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("sample_sampler", self.sample_sampler, samplers.names())
         _choice("grid", self.grid, list(grids.GRIDS) + ["native", "auto"])
+        _choice("sampler", self.sampler, samplers.names() + ["auto"])
+        if self.calibrate and self.sampler != "auto":
+            how = samplers.get(self.sampler)
+            if how.stochastic or how.adaptive:
+                raise ValueError(f"--calibrate fits the grid of a deterministic fixed-step sampler; --sampler "
+                                 f"{self.sampler} is {'stochastic' if how.stochastic else 'adaptive'}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_nfe",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -166,7 +183,7 @@ class TrainConfig:
         if len(stds) < 1 or not all(0 < v < math.sqrt(1 / 12) for v in stds):
             raise ValueError(f"--posthoc-stds must be relative stds in (0, 0.288), e.g. 0.05,0.10; got {self.posthoc_stds!r}")
         for name in ("posthoc_every", "sample_every", "warmup_steps", "image_size", "channels", "num_workers", "max_area",
-                     "threads", "weight_decay", "grad_clip", "sigma_min", "sigma_max"):
+                     "threads", "weight_decay", "grad_clip", "sigma_min", "sigma_max", "nfe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "sigma_data", "ema_half_life", "shift"):
@@ -396,8 +413,9 @@ def unsafe_changes(cfg: TrainConfig, stored: dict | TrainConfig, keys=None) -> l
 
 
 def resumed(stored: dict, given: dict) -> TrainConfig:
-    """The stored config of a run with the given keys applied; only RESUME_SAFE keys may change."""
-    base = stored_config(stored)
+    """The stored config of a run with the given keys applied; only RESUME_SAFE keys may change. How the
+    run was started (--overwrite, --resume) is not part of it: a run begun with --overwrite resumes."""
+    base = stored_config({**stored, "overwrite": False, "resume": False})
     changed = from_dict(given, base)
     differ = unsafe_changes(changed, base, normalise(given))
     if differ:

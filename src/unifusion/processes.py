@@ -24,9 +24,12 @@ class Process:
     t_min = 0.0
     t_max = 1.0
     native_grid = "uniform_t"  # the discretization its paper samples with (samplers/grids.py)
-    # a new model's default grid (`--grid auto`): the most accurate for this process's range with the default
-    # sampler on held-out exact mixtures, chosen by benchmarks/defaults.py (BENCHMARKS.md, "Default grids")
+    # a new model's default grid (`--grid auto`): the most accurate for this process's range with dpmpp_2m on
+    # held-out exact mixtures, chosen by benchmarks/defaults.py (BENCHMARKS.md, "Default samplers and grids")
     default_grid = "native"
+    # a new model's default sampler and NFE (`--sampler auto`) on that grid, chosen by the same benchmark on the
+    # mixtures and trained toys; the model's spec records them (training["sampling"])
+    default_sampling = ("dpmpp_2m", 20)
 
     def s(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -87,6 +90,7 @@ class VE(Process):
 
     name = "ve"
     default_grid = "tuned"
+    default_sampling = ("unipc", 20)
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         _finite(sigma_min=sigma_min, sigma_max=sigma_max)
@@ -116,6 +120,7 @@ class VP(Process):
 
     name = "vp"
     default_grid = "tuned"
+    default_sampling = ("dpmpp_3m", 20)
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, t_min: float = 1e-3):
         _finite(beta_min=beta_min, beta_d=beta_d, t_min=t_min)
@@ -153,6 +158,7 @@ class SubVP(VP):
 
     name = "subvp"
     default_grid = "tuned"
+    default_sampling = ("dpmpp_3m", 20)
 
     def sigma(self, t):
         return 2 * torch.sinh(0.5 * self._g(t))  # (1 - abar) / sqrt(abar)
@@ -186,6 +192,7 @@ class DDPM(Process):
 
     name = "ddpm"
     default_grid = "tuned"
+    default_sampling = ("dpmpp_3m", 20)
     native_grid = "ddpm"
 
     def __init__(self, schedule: str = "linear", T: int = 1000):
@@ -232,6 +239,7 @@ class EDM(Process):
 
     name = "edm"
     default_grid = "tuned"
+    default_sampling = ("unipc", 20)
     native_grid = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
@@ -261,6 +269,7 @@ class Flow(Process):
     """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): x_t = (1-t) x_0 + t n."""
 
     name = "flow"
+    default_sampling = ("ipndm", 20)
 
     def __init__(self, t_max: float = 1.0):
         _finite(t_max=t_max)

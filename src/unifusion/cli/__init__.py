@@ -84,8 +84,9 @@ def parser() -> argparse.ArgumentParser:
                                               "--seeds 0-63 --out s.npz --png s.png")
     sm.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint folder "
                                                         "or a model folder (spec.json + weights)")
-    sm.add_argument("--sampler", default=None, help="sampler name (list below; default: the model's own: dpmpp_2m, "
-                                                    "or a few-step student's, e.g. euler or consistency)")
+    sm.add_argument("--sampler", default=None, help="sampler name (list below; default: the model's own, recorded "
+                                                    "when it was trained: e.g. unipc for EDM, dpmpp_2m for models "
+                                                    "trained before that, euler or consistency for a few-step student)")
     sm.add_argument("--nfe", type=int, default=None, help="denoiser-call budget (default: the model's own: 20, or a "
                                                           "few-step student's K)")
     sm.add_argument("--n", type=int, default=None, help="how many samples (default: one per seed)")
@@ -118,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Draw N samples per setting (seeds 0..N-1) and score them against the "
                                     "training data; writes eval.csv, eval.json and plots to <run>/eval.",
                         epilog="examples:\n"
-                               "  unifusion eval --checkpoint runs/digits                      # dpmpp_2m, NFE 20\n"
+                               "  unifusion eval --checkpoint runs/digits                      # its own sampler and NFE\n"
                                "  unifusion eval --checkpoint runs/digits --sampler heun --nfe 35 --nll 297\n"
                                "  unifusion eval --checkpoint runs/digits --sweep --grid karras,tuned\n"
                                "  unifusion eval --checkpoint runs/digits --sweep --samplers dpmpp_2m --nfes 20 "

@@ -9,7 +9,7 @@ import torch
 from .. import models
 from ..evaluation.evaluate import calibration_file
 from ..models.io import run_folder
-from ..samplers.calibrate import FORMAT, MAX_NFE, calibrate
+from ..samplers.calibrate import FORMAT, MAX_NFE
 
 
 def parse_labels(text: str | None, num_classes: int, what: str) -> list[int] | None:
@@ -72,20 +72,8 @@ def run_calibrate(args) -> dict:
     k = spec.num_classes
     fit_labels = parse_labels(args.fit_labels, k, "--fit-labels") or list(range(k))
     val_labels = parse_labels(args.val_labels, k, "--val-labels") or list(range(k))
-
-    def cond(split: str, n: int):  # labels cycle through the split's label set
-        if not k:
-            return {}
-        labels = fit_labels if split == "fit" else val_labels
-        return {"y": torch.tensor([labels[i % len(labels)] for i in range(n)], device=device)}
-
-    def den(x, sigma, **c):  # solver state in float64, the network in its own float32
-        return model.denoise(x.float(), sigma.float(), **c).double()
-
-    lo, hi = spec.sigma_range()
-    cal = calibrate(den, spec.shape, args.sampler, args.nfe, sigma_min=lo, sigma_max=hi,
-                    n_ref=args.n_ref, n_val=args.n_val, cond=cond if k else None, process=model.process,
-                    seed=args.seed, method=args.method, device=device, progress=True)
+    cal = model.calibrate(args.sampler, args.nfe, n_ref=args.n_ref, n_val=args.n_val, fit_labels=fit_labels,
+                          val_labels=val_labels, seed=args.seed, method=args.method, progress=True)
     cal.save(out)
     print(cal.summary())
     if k and (args.fit_labels or args.val_labels):

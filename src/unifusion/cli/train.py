@@ -54,6 +54,10 @@ def run_train(tokens: list[str]) -> int:
               f"unifusion train --out {cfg.out} --resume")
         return EXIT_INTERRUPTED
     samples = res["samples"] or "none (this family does not generate)"
+    cal = res.get("calibration")
+    calibrated = ("\n  calibrated:   " + ("no (see above)" if "error" in cal else
+                                          f"{cal['key']} grid in {res['model']}/spec.json"
+                                          + ("" if cal["fitted"] else " (kept)")) if cal else "")
     print(f"done. outputs in {res['out']}:\n  model:        {res['model']}\n  checkpoint:   {res['checkpoint']}"
-          f"\n  samples:      {samples}\n  loss curve:   {res['loss_curve']}\n  log:          {res['log']}")
+          f"\n  samples:      {samples}\n  loss curve:   {res['loss_curve']}\n  log:          {res['log']}{calibrated}")
     return 0

@@ -6,6 +6,8 @@ only to this.
     model.sample(seeds=..., sampler=..., nfe=..., cond=..., cfg=...) -> samples in data space
     model.log_likelihood(x) -> (B,) nats     where the family has one
     model.initialize(batch)                  data-dependent initialisation before step 0 (ActNorm)
+    model.calibrate(sampler, nfe) -> grid    where sampling runs over a noise grid (the denoiser families):
+                                             one fitted to the model (default: its own sampler and NFE)
 
 and, as classmethods, what makes a family trainable from the command line (a family is one file:
 these, its Model, and one registration line, models/registry.py):

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import likelihood
-from .diffusion import LIKELIHOOD_SIGMA_MAX, DiffusionModel, denoiser_spec
+from .diffusion import LIKELIHOOD_SIGMA_MAX, DiffusionModel, denoiser_spec, with_sampling
 from .flows import check_dequantization, dequantization, dequantize_batch, to_bits
 from .options import option
 from .spec import ModelSpec
@@ -53,9 +53,9 @@ class CNFModel(DiffusionModel):
     @classmethod
     def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
         o = cfg.options  # unconditional: labels in the data are ignored
-        return denoiser_spec(cfg, source, data, made, family=cls.family, conditional=False,
-                             training={"dequantization": o.dequantization, "ode_tol": o.ode_tol,
-                                       "ode_steps": o.ode_steps})
+        return with_sampling(denoiser_spec(cfg, source, data, made, family=cls.family, conditional=False,
+                                           training={"dequantization": o.dequantization, "ode_tol": o.ode_tol,
+                                                     "ode_steps": o.ode_steps}), cfg)
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

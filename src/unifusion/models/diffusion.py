@@ -52,7 +52,8 @@ class DiffusionModel(Model):
 
     @classmethod
     def spec_from_config(cls, cfg, source, data: dict, made: dict) -> ModelSpec:
-        return packing.with_packing(denoiser_spec(cfg, source, data, made, family=cls.family), cfg, source)
+        spec = with_sampling(denoiser_spec(cfg, source, data, made, family=cls.family), cfg)
+        return packing.with_packing(spec, cfg, source)
 
     def data_source(self, source):
         if self.cond.kind == "text":  # captions in the items
@@ -97,7 +98,7 @@ class DiffusionModel(Model):
         return losses.denoising_loss(self.denoise, x0, sigma, self.weight, noise=noise, **cond)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, n: int | None = None, seeds=None, noise: Tensor | None = None, sampler: str = "dpmpp_2m",
+    def sample(self, n: int | None = None, seeds=None, noise: Tensor | None = None, sampler: str | None = None,
                nfe: int | None = None, steps: int | None = None, cond: dict | None = None, cfg: float = 1.0,
                grid=None, sigma_min: float | None = None, sigma_max: float | None = None,
                batch_size: int = 256, generator_seed: int = 0, progress: bool = False,
@@ -108,9 +109,12 @@ class DiffusionModel(Model):
 
         The starting noise of sample i is unit noise from its own generator seeded with seeds[i]
         (or row i of `noise`), so with a deterministic sampler a sample depends only on its seed
-        and condition, never on the batch it was drawn in. Range and grid default to the spec's
-        (the process's own). cond defaults to the conditioning's default (class: seed % K);
-        cfg is the classifier-free guidance scale (1: conditional, 0: unconditional); temperature
+        and condition, never on the batch it was drawn in. sampler and NFE default to the model's own
+        (spec.sampling_defaults(): recorded when it was trained; dpmpp_2m at 20 for older models), a
+        named sampler without nfe or steps to the model's NFE. Range and grid default to the spec's; the
+        grid to one calibrated to this model for (sampler, nfe) when the spec stores one (`unifusion
+        calibrate --save-to-model`, `train --calibrate`). cond defaults to the conditioning's default
+        (class: seed % K); cfg is the classifier-free guidance scale (1: conditional, 0: unconditional); temperature
         scales the starting noise (1: the model's own distribution).
         With return_cond=True returns (x, cond). decode=False returns a latent model's latents
         (normalised, undecoded; e.g. for couplings in latent space) instead of images.
@@ -136,12 +140,12 @@ class DiffusionModel(Model):
         lo, hi = self.spec.sigma_range()
         sigma_min = lo if sigma_min is None else sigma_min
         sigma_max = hi if sigma_max is None else sigma_max
+        own, own_nfe = self.spec.sampling_defaults()
+        sampler = sampler or own
         if nfe is None and steps is None:
-            nfe = 20
+            nfe = own_nfe
         if grid is None and steps is None and not options:  # a grid calibrated to this model for the pair
-            grid = self.spec.calibration(sampler, nfe)
-            if grid is not None and (sigma_min, sigma_max) != (grid.sigma_min, grid.sigma_max):
-                grid = None  # calibrated for the model's own range only
+            grid = self.spec.calibration(sampler, nfe, sigma_min, sigma_max)
         grid = grid if grid is not None else self.spec.grid["name"]
         grid_options = grid_options if grid_options is not None else (
             self.spec.grid["kwargs"] if isinstance(grid, str) and grid == self.spec.grid["name"] else {})
@@ -169,6 +173,45 @@ class DiffusionModel(Model):
             outs.append((self.decode(x) if decode or self.spec.data.get("kind") != "latent" else x).cpu())
         x = torch.cat(outs)
         return (x, cond) if return_cond else x
+
+    # ------------------------------------------------------------------ calibration
+    def calibration_pair(self, sampler: str | None = None, nfe: int | None = None) -> tuple[str, int]:
+        """(sampler, NFE) that calibrate() fits: the given ones, else the model's default; ValueError
+        when that sampler has no grid to fit (stochastic or adaptive) or the NFE is out of range."""
+        from ..samplers.calibrate import MAX_NFE
+        own, own_nfe = self.spec.sampling_defaults()
+        sampler, nfe = sampler or own, own_nfe if nfe is None else nfe
+        how = S.get(sampler)
+        if how.stochastic or how.adaptive:
+            raise ValueError(f"calibration fits the grid of a deterministic fixed-step sampler; {sampler} is "
+                             f"{'stochastic' if how.stochastic else 'adaptive'}: name one (e.g. dpmpp_2m)")
+        if not 1 <= nfe <= MAX_NFE:
+            raise ValueError(f"a calibrated grid is for 1..{MAX_NFE} denoiser calls, not {nfe}")
+        return sampler, nfe
+
+    def calibrate(self, sampler: str | None = None, nfe: int | None = None, *, n_ref: int = 64, n_val: int = 64,
+                  fit_labels: list[int] | None = None, val_labels: list[int] | None = None, seed: int = 0,
+                  method: str = "auto", reference: dict | None = None, progress: bool = False):
+        """The grid of `sampler` at `nfe` (default: the model's own pair) fitted to this model over its
+        own sigma range (samplers.calibrate: reference solves of n_ref noises, n_val held out); a
+        class-conditional model's noises cycle through fit_labels / val_labels (default: every class).
+        reference: the dopri5 options of the reference solves (samplers.calibrate). Store the result as
+        spec.calibrated[calibration_key(sampler, nfe)] = cal.to_dict()."""
+        from ..samplers.calibrate import calibrate
+        sampler, nfe = self.calibration_pair(sampler, nfe)
+        k, device = self.spec.num_classes, self.device
+        labels = {"fit": list(fit_labels or range(k)), "val": list(val_labels or range(k))}
+
+        def cond(split: str, n: int):  # labels cycle through the split's label set
+            return {"y": torch.tensor([labels[split][i % len(labels[split])] for i in range(n)], device=device)}
+
+        def den(x, sigma, **c):  # solver state in float64, the network in its own float32
+            return self.denoise(x.float(), sigma.float(), **c).double()
+
+        lo, hi = self.spec.sigma_range()
+        return calibrate(den, self.spec.shape, sampler, nfe, sigma_min=lo, sigma_max=hi, n_ref=n_ref, n_val=n_val,
+                         cond=cond if k else None, process=self.process, seed=seed, method=method, device=device,
+                         reference=reference, progress=progress)
 
     def decode(self, x: Tensor) -> Tensor:
         """Sigma-domain samples -> data space (pixel data: clipped to its range; latent data:
@@ -210,6 +253,19 @@ class DiffusionModel(Model):
 
 
 # ---------------------------------------------------------------------- spec from a config
+def with_sampling(spec: ModelSpec, cfg) -> ModelSpec:
+    """The spec with its default sampler and NFE recorded (training["sampling"]): --sampler / --nfe, or
+    with --sampler auto the process's measured default (processes.Process.default_sampling)."""
+    from .spec import DEFAULT_SAMPLING, sampling_record
+    if cfg.sampler == "auto":
+        name, nfe = processes.get(spec.process["name"], **spec.process["kwargs"]).default_sampling
+        chosen_by = "auto (benchmarks/defaults.py)" + (", --nfe" if cfg.nfe else "")
+    else:
+        name, nfe, chosen_by = cfg.sampler, DEFAULT_SAMPLING[1], "--sampler" + (", --nfe" if cfg.nfe else "")
+    spec.training = {**spec.training, "sampling": sampling_record(name, cfg.nfe or nfe, chosen_by)}
+    return spec.validate()
+
+
 def denoiser_spec(cfg, source, data: dict, made: dict, family: str, conditional: bool = True,
                   training: dict | None = None) -> ModelSpec:
     """The spec of a denoiser family (diffusion; cnf and the students build on it): the network

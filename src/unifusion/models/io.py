@@ -20,17 +20,45 @@ _EMA_BOOKKEEPING = "__"  # training.ema stores its counters under "__"-prefixed 
 
 
 def save(model, folder: str | Path, ema: dict[str, Tensor] | None = None) -> Path:
-    """Write a model folder atomically file by file (weights first, spec last)."""
+    """Write a model folder atomically file by file (weights first, spec last). Grids calibrated to
+    the folder's model stay in its spec when the weights written are the same (e.g. a finished run
+    resumed: it writes its final model again)."""
     out = Path(folder)
+    own = model.state_dict()
+    ema = {k: v for k, v in ema.items() if k in own} if ema is not None else None
+    spec = model.spec
+    kept = _calibrations_of_same_weights(out, own, ema)
+    if kept:
+        import dataclasses
+        spec = dataclasses.replace(spec, calibrated={**kept, **spec.calibrated})
     out.mkdir(parents=True, exist_ok=True)
-    safeio.save_safetensors(model.state_dict(), out / WEIGHTS_FILE)
+    safeio.save_safetensors(own, out / WEIGHTS_FILE)
     if ema is not None:
-        own = model.state_dict()
-        safeio.save_safetensors({k: v for k, v in ema.items() if k in own}, out / EMA_FILE)
+        safeio.save_safetensors(ema, out / EMA_FILE)
     for name, text in model.extra_files().items():  # e.g. a text encoder's tokenizer.json
         safeio.atomic_write(out / name, text)
-    safeio.atomic_write(out / SPEC_FILE, model.spec.to_json() + "\n")
+    safeio.atomic_write(out / SPEC_FILE, spec.to_json() + "\n")
     return out
+
+
+def _calibrations_of_same_weights(folder: Path, weights: dict[str, Tensor], ema: dict[str, Tensor] | None) -> dict:
+    """The calibrated grids of the model folder at `folder` if its weights (and EMA) are exactly
+    these, else {} (other weights: a grid fitted to those does not carry over). `ema` may hold more
+    tensors than the folder's EMA file (a checkpoint's EMA also tracks non-persistent buffers)."""
+    try:
+        old = ModelSpec.read(folder / SPEC_FILE) if (folder / SPEC_FILE).is_file() else None
+        if old is None or not old.calibrated or (ema is None) == (folder / EMA_FILE).is_file():
+            return {}
+        for path, new, exact in ((folder / WEIGHTS_FILE, weights, True), (folder / EMA_FILE, ema, False)):
+            if new is None:
+                continue
+            have = safeio.read_safetensors(path)
+            if (have.keys() != new.keys() if exact else not have.keys() <= new.keys()) or \
+                    not all(torch.equal(v, new[k].detach().cpu()) for k, v in have.items()):
+                return {}
+    except (OSError, ValueError):  # an unreadable folder: nothing to keep
+        return {}
+    return dict(old.calibrated)
 
 
 def save_spec(folder: str | Path, spec: ModelSpec) -> Path:
@@ -64,6 +92,12 @@ def read(path: str | Path) -> tuple[ModelSpec, dict[str, Tensor], dict[str, Tens
     if "model" not in tensors:
         raise ValueError(f"checkpoint {p} has no model weights (model.safetensors)")
     ema = {k: v for k, v in tensors["ema"].items() if not k.startswith(_EMA_BOOKKEEPING)} if "ema" in tensors else None
+    # grids calibrated to the run's model folder (`train --calibrate`, `calibrate --save-to-model`) when
+    # that folder holds these very weights (the run's final checkpoint)
+    kept = _calibrations_of_same_weights(run_folder(p) / "model", tensors["model"], ema)
+    if kept:
+        import dataclasses
+        spec = dataclasses.replace(spec, calibrated={**kept, **spec.calibrated})
     return spec, tensors["model"], ema, {"step": state.get("step"), "where": str(p), "state": state}
 
 

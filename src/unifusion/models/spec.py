@@ -21,12 +21,14 @@ is read to load it (no preset names, no code paths in strings). The spec holds
                        "autoencoder": its describe() (path, digest, factor, latent_channels, shift, scale, ...),
                        "image_shape": [C, H, W], "image_range": [-1, 1], "source": the image data,
                        "options", "latents": the folder trained on}: sampling decodes with that autoencoder
-    training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float}
+    training        {"noise_density": {"name", "kwargs"}, "weighting": name, "sigma_data": float,
+                       "sampling": {"name", "nfe", "chosen_by"}: the default sampler and NFE (a spec without it,
+                       from before they were recorded, samples with DEFAULT_SAMPLING)}
                     | autoencoder: {"kl_weight", "rec_loss", "perceptual_weight", "disc_weight", "disc_start",
                       "passes_per_step", "discriminator": network description | null, "sigma_data",
                       "latent": {"shift", "scale", "mean", "std": [c floats], "n", "sigma_data"} once measured}
     calibrated      {"<sampler>@<nfe>": calibration dict}: grids fitted to this model by `unifusion
-                    calibrate --save-to-model`, the default grid for that (sampler, NFE)
+                    calibrate --save-to-model` or `train --calibrate`, the default grid for that (sampler, NFE)
 
 The "student" family (models/fewstep.py) adds training["objective"]: how it was made (distill,
 progressive, cd, ict; teacher, distance, N, ...) and its own "sampler" {"name", "nfe"}, the
@@ -62,7 +64,16 @@ def check_latent_data(data: dict) -> None:
                          f"autoencoder with {c} latent channels and factor {f}")
 
 
-DEFAULT_SAMPLING = ("dpmpp_2m", 20)  # what `unifusion sample` / `eval` use for a model that names none
+# what `unifusion sample` / `eval` and model.sample() use for a model whose spec records no default sampler
+# (every model trained before training["sampling"] existed); new models record theirs (sampling_record)
+DEFAULT_SAMPLING = ("dpmpp_2m", 20)
+
+
+def sampling_record(name: str, nfe: int, chosen_by: str) -> dict:
+    """spec.training["sampling"]: a model's default sampler and NFE, and what chose them."""
+    if not isinstance(name, str) or not name or not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"a default sampling needs a sampler name and an NFE >= 1, got {name!r} at {nfe!r}")
+    return {"name": name, "nfe": int(nfe), "chosen_by": str(chosen_by)}
 
 
 def calibration_key(sampler: str, nfe: int) -> str:
@@ -135,6 +146,7 @@ class ModelSpec:
         lo, hi = self.sigma_range()
         if not 0 < lo < hi:
             raise ValueError(f"spec sigma range must satisfy 0 < sigma_min < sigma_max, got [{lo}, {hi}]")
+        self.check_sampling()
         from ..samplers.calibrate import Calibration
         for key, cal in self.calibrated.items():
             c = Calibration.from_dict(cal, where=f"spec calibrated[{key!r}]")
@@ -143,15 +155,35 @@ class ModelSpec:
 
     def sampling_defaults(self) -> tuple[str, int]:
         """(sampler, NFE) used when none is named: a few-step student's own (recorded in
-        training["objective"]["sampler"], e.g. euler at K), else DEFAULT_SAMPLING."""
-        own = (self.training or {}).get("objective", {}).get("sampler")
+        training["objective"]["sampler"], e.g. euler at K), else the model's recorded default
+        (training["sampling"], chosen when it was trained), else DEFAULT_SAMPLING (older specs)."""
+        train = self.training or {}
+        own = train.get("objective", {}).get("sampler") or train.get("sampling")
         return (own["name"], int(own["nfe"])) if own else DEFAULT_SAMPLING
 
-    def calibration(self, sampler: str, nfe: int | None):
-        """The calibrated grid stored for (sampler, nfe), or None."""
+    def check_sampling(self) -> None:
+        """training["sampling"], when recorded: a known sampler and an NFE >= 1."""
+        rec = (self.training or {}).get("sampling")
+        if rec is None:
+            return
+        from .. import samplers
+        if not isinstance(rec, dict) or set(rec) != {"name", "nfe", "chosen_by"}:
+            raise ValueError(f"spec training sampling must be {{'name', 'nfe', 'chosen_by'}}, got {rec!r}")
+        sampling_record(rec["name"], rec["nfe"], rec["chosen_by"])
+        if rec["name"] not in samplers.names():
+            raise ValueError(f"spec training sampling: unknown sampler {rec['name']!r}; choose one of "
+                             f"{samplers.names()}")
+
+    def calibration(self, sampler: str, nfe: int | None, sigma_min: float | None = None,
+                    sigma_max: float | None = None):
+        """The calibrated grid stored for (sampler, nfe), or None; with a sigma range, only one
+        calibrated on that range (what default sampling over that range uses)."""
         from ..samplers.calibrate import Calibration
         cal = self.calibrated.get(calibration_key(sampler, nfe)) if nfe is not None else None
-        return None if cal is None else Calibration.from_dict(cal)
+        cal = None if cal is None else Calibration.from_dict(cal)
+        if cal is not None and sigma_min is not None and (sigma_min, sigma_max) != (cal.sigma_min, cal.sigma_max):
+            return None  # calibrated for the model's own range only
+        return cal
 
     def sigma_range(self) -> tuple[float, float]:
         """The default sampling range: the spec's values, else the process's own range."""

@@ -102,7 +102,10 @@ def train(cfg: C.TrainConfig, progress: bool = True) -> dict:
             refusal = e
     try:
         _agree(dist, refusal)
-        return _train(cfg, dist, out, progress, lock)
+        result = _train(cfg, dist, out, progress, lock)
+        if cfg.calibrate and dist.rank == 0 and not result["interrupted"]:
+            result["calibration"] = calibrate_model(Path(result["model"]), dist.device, progress)
+        return result
     except BaseException:
         if lock is not None and not lock.committed:  # refused before writing: the folder as it was
             lock.discard()
@@ -161,6 +164,8 @@ def _train(cfg, dist, out: Path, progress: bool, lock=None) -> dict:
     spec = models.ModelSpec.from_dict(state["spec"]) if state else C.model_spec(cfg, source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run with this seed
     model = models.build(spec).to(device)
+    if cfg.calibrate:  # refused now, not after training
+        check_calibrate(model)
     source = model.data_source(source)  # e.g. captions in the items for the text families
     if state:  # into the whole model, before any sharding
         models.io.load_weights(model, tensors["model"], str(last))
@@ -336,6 +341,63 @@ def _train(cfg, dist, out: Path, progress: bool, lock=None) -> dict:
     return result
 
 
+def check_calibrate(model) -> tuple[str, int]:
+    """The (sampler, NFE) --calibrate fits for this model: its default pair; ValueError when there
+    is no grid to fit (a one-pass family, a few-step student on its own levels, a stochastic sampler)."""
+    if model.one_pass or not callable(getattr(model, "calibration_pair", None)):
+        raise ValueError(f"--calibrate fits a sampler's noise grid; the {model.spec.family} family has none "
+                         "(it samples in one pass, or does not sample): drop --calibrate")
+    if (model.spec.training or {}).get("objective", {}).get("sampler"):
+        raise ValueError("--calibrate: a few-step student samples on its own levels; drop --calibrate (or calibrate "
+                         "another sampler afterwards with `unifusion calibrate --save-to-model`)")
+    try:
+        return model.calibration_pair()
+    except ValueError as e:
+        raise ValueError(f"--calibrate: {e}") from None
+
+
+# train --calibrate's second try when the reference solve does not converge (a stiff learned denoiser near
+# sigma_min, e.g. an eps-parametrized DDPM toy): the tolerance a float32 network resolves, 4x the calls
+LOOSE_REFERENCE = {"rtol": 1e-5, "atol": 1e-5, "max_nfe": 16000}
+
+
+def calibrate_model(folder: Path, device, progress: bool = True) -> dict:
+    """`train --calibrate`: the grid of the model's default (sampler, NFE) fitted to the saved model
+    (its EMA weights) and stored in its spec.json, where default sampling finds it. A model that
+    already holds it is left alone: a resumed run rewrites the model folder with the same weights,
+    and models.save keeps their calibrations. A reference solve that does not converge is tried
+    again with LOOSE_REFERENCE; if that fails too, the model stays uncalibrated (the training's
+    outputs are whole) and the reason is printed."""
+    from ..samplers.calibrate import ReferenceNotConverged
+    model = models.load(folder, device=device)
+    sampler, nfe = check_calibrate(model)
+    key = models.spec.calibration_key(sampler, nfe)
+    if model.spec.calibration(sampler, nfe, *model.spec.sigma_range()) is not None:
+        print(f"calibrate: {folder / models.io.SPEC_FILE} already holds the grid of {sampler} at NFE {nfe} for these "
+              f"weights; kept (`unifusion calibrate --checkpoint {folder} --sampler {sampler} --nfe {nfe} "
+              "--save-to-model` fits it again)")
+        return {"key": key, "fitted": False}
+    try:
+        cal = model.calibrate(progress=progress)
+    except ReferenceNotConverged:
+        print(f"calibrate: the reference solve did not converge at the default tolerance; trying {LOOSE_REFERENCE}")
+        try:
+            cal = model.calibrate(reference=LOOSE_REFERENCE, progress=progress)
+        except ReferenceNotConverged as e:
+            print(f"calibrate: not calibrated, the model samples on its own grid ({str(e).splitlines()[0]}); try "
+                  f"`unifusion calibrate --checkpoint {folder} --save-to-model` with another --sampler or --nfe")
+            return {"key": key, "fitted": False, "error": str(e)}
+    spec = model.spec
+    spec.calibrated[key] = cal.to_dict()
+    models.io.save_spec(folder, spec)
+    base = min((k for k in cal.rmse_val if k != "calibrated"), key=cal.rmse_val.get)
+    print(f"calibrate: {sampler} at NFE {nfe} in {cal.seconds['total']:.0f} s, held-out RMSE "
+          f"{cal.rmse_val['calibrated']:.3g} vs {base} {cal.rmse_val[base]:.3g} "
+          f"({cal.rmse_val['calibrated'] / cal.rmse_val[base]:.2f}x); the default grid of "
+          f"{folder / models.io.SPEC_FILE}")
+    return {"key": key, "fitted": True, "rmse_val": cal.rmse_val, "seconds": cal.seconds}
+
+
 def _unsharded(model, ema, dist):
     """(model, ema) as the one-process code paths (preview, models.save) take them. Under FSDP a
     collective, so every rank calls it: the weights and the EMA are gathered whole, and rank 0
@@ -492,7 +554,10 @@ def _preview(out, step, model, ema, cfg, source):
         if hasattr(model, "preview_images"):  # an autoencoder: training images above their reconstructions
             x = model.preview_images(source, n)
         else:
-            x = model.sample(seeds=seeds, sampler=cfg.sample_sampler, nfe=cfg.sample_nfe, cond=cond)
+            # the flags' defaults mean the model's own default sampler and NFE
+            own = (cfg.sample_sampler, cfg.sample_nfe) == models.spec.DEFAULT_SAMPLING
+            x = model.sample(seeds=seeds, sampler=None if own else cfg.sample_sampler,
+                             nfe=None if own else cfg.sample_nfe, cond=cond)
         model.train()
     path = out / "samples" / f"step-{step:08d}.png"
     if image:
