@@ -30,3 +30,14 @@ class Counting:
 def noise(batch: int, dim: int, sigma_max: float = 80.0, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, dim, generator=g, dtype=torch.float64) * sigma_max
+
+
+def central_differences(loss, z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The gradient of the scalar loss(z) at z by central differences, one coordinate at a time."""
+    fd = torch.zeros_like(z)
+    with torch.no_grad():
+        for i in range(len(z)):
+            e = torch.zeros_like(z)
+            e[i] = eps
+            fd[i] = (loss(z + e) - loss(z - e)) / (2 * eps)
+    return fd

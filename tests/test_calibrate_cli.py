@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "run"
-    cfg = C.from_dict({"data": "gmm", "network": "mlp-2d", "steps": 30, "batch_size": 64, "sample_every": 0,
+    cfg = C.from_dict({"data": "gmm", "network": "mlp-2d", "sampler": "dpmpp_2m",  # the default pair named below
+                       "steps": 30, "batch_size": 64, "sample_every": 0,
                        "checkpoint_every": 30, "sample_nfe": 4, "warmup_steps": 5, "out": str(out),
                        "network_args": {"hidden": 32, "depth": 2, "emb_dim": 16}})
     threads = torch.get_num_threads()
@@ -67,3 +68,25 @@ def test_a_grid_saved_to_the_model_is_its_default_for_that_pair(run, tmp_path):
     seen.clear()
     model.sample(seeds=range(4), sampler="euler", nfe=3, grid="karras")  # an explicit grid wins
     assert seen != cal.sigmas[:-1].tolist()
+
+
+def test_fitted_coefficients_travel_from_calibrate_to_sample_and_eval(run, tmp_path, capsys):
+    """`calibrate --sampler fitted` fits the grid and the coefficients on a trained network (autograd
+    through it); the file and the model's spec carry them, and sample / eval use them."""
+    import shutil
+    model_dir = shutil.copytree(run / "model", tmp_path / "model")
+    out = tmp_path / "fitted.json"
+    assert main(["calibrate", "--checkpoint", str(model_dir), "--sampler", "fitted", "--nfe", "4", "--n-ref", "16",
+                 "--n-val", "16", "--save-to-model", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["sampler"] == "fitted" and len(d["coefficients"]) == 4
+    assert d["rmse_val"]["calibrated"] < d["rmse_val"]["tuned"]
+    cal = models.load(model_dir).spec.calibration("fitted", 4)
+    assert cal.coefficients == d["coefficients"]
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--checkpoint", str(model_dir), "--sampler", "fitted", "--nfe", "4", "--n", "8",
+                 "--noise-grid", str(out), "--out", str(npz)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(model_dir), "--sampler", "fitted", "--nfe", "4", "--n", "50",
+                 "--grid", "tuned,calibrated"]) == 0
+    assert "| calibrated |" in capsys.readouterr().out

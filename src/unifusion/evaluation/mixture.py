@@ -44,6 +44,18 @@ class GaussianMixture:
         labels = torch.arange(components) % classes if classes else None
         return cls(w, means, covs, labels)
 
+    @classmethod
+    def stiff(cls, dim: int, components: int, seed: int = 0, rank: int = 4, floor: float = 1e-4,
+              scale: float = 0.4, spread: float = 2.0) -> "GaussianMixture":
+        """Components with a rank-`rank` covariance plus `floor` x scale^2 in every direction: most
+        directions have a very small variance, so the PF-ODE is stiff near sigma = 0 (the denoiser
+        changes fast in x there), which a few-step solver finds hard."""
+        g = torch.Generator().manual_seed(seed)
+        means = torch.randn(components, dim, generator=g, dtype=torch.float64) * spread / math.sqrt(max(dim / 2, 1))
+        A = torch.randn(components, dim, rank, generator=g, dtype=torch.float64) * scale / math.sqrt(rank)
+        covs = A @ A.transpose(1, 2) + floor * scale**2 * torch.eye(dim, dtype=torch.float64)
+        return cls(0.5 + torch.rand(components, generator=g, dtype=torch.float64), means, covs)
+
     # ---------------------------------------------------------------- closed forms at level sigma
     def _parts(self, x: Tensor, sigma, y: Tensor | None = None):
         """log(pi_k N(x; mu_k, S_k + sigma^2 I)) (B, K), y_k (B, K, d), 1/(l + sigma^2) (B, K, d)."""

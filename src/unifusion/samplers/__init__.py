@@ -7,7 +7,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from . import adaptive, ancestral, consistency, dpmpp, grids, logprob, multistep, ode, sde, unipc  # noqa: F401  (registers)
+from . import adaptive, ancestral, consistency, dpmpp, fitted, grids, logprob, multistep, ode, sde, unipc  # noqa: F401  (registers)
 from .registry import NonFiniteError, Spec, get, names, register
 
 __all__ = ["sample", "names", "get", "register", "Spec", "grids", "make_denoise", "Denoise", "NonFiniteError",
@@ -103,7 +103,8 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
         tensor starting with inf. It costs one call of the budget; steps=N runs N steps after it.
     grid: a name in grids.GRIDS, a callable (n, sigma_min, sigma_max) -> sigmas, a tensor of sigmas, or a
         `Calibration` (or the path of its .json file, see `calibrate`): its sigmas, after checking that it
-        was calibrated for this sampler, nfe (None: its own), options and sigma range (ValueError if not).
+        was calibrated for this sampler, nfe (None: its own), options and sigma range (ValueError if not);
+        for sampler 'fitted' also its fitted coefficients.
     process: needed by the 'uniform_t' and 'ddpm' grids.
     callback: fn(x, sigma: float, denoised) after every denoiser call.
     check_finite: raise NonFiniteError (a FloatingPointError and ValueError) at the first NaN/inf
@@ -115,7 +116,12 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
     if is_calibration(grid):
         if steps is not None:
             raise ValueError("a calibrated grid fixes the steps; pass nfe (the one it was calibrated for), not steps")
-        grid = resolve(grid, sampler, nfe, options, sigma_min, sigma_max)
+        if "coefficients" in options:
+            raise ValueError("a calibration carries its own coefficients; pass the calibration or coefficients=, "
+                             "not both")
+        grid, fitted_coefficients = resolve(grid, sampler, nfe, options, sigma_min, sigma_max, coefficients=True)
+        if fitted_coefficients is not None:
+            options = {**options, "coefficients": fitted_coefficients}
     # nfe defaults to 10 only when neither steps nor an explicit grid fixes the length
     fixed = steps is not None or isinstance(grid, torch.Tensor) or spec.adaptive
     budget = nfe if nfe is not None or fixed else 10

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import grids
 from .expint import lagrange_weights
+from .fitted import check_coefficients, coefficient_sizes, fitted_t
 from .registry import get
 from .unipc import unipc_system
 
@@ -59,7 +60,7 @@ class Calibration:
     """A sigma grid fitted for one (sampler, NFE, options, sigma range), and how well it did.
 
     rmse_fit / rmse_val: RMSE of the final samples against the reference on the fit noises and on
-    the held-out ones, for 'calibrated' and the baseline grids ('karras', 'tuned'; from sigma_max =
+    the held-out ones (median_val: the median of the held-out samples' own RMS errors), for 'calibrated' and the baseline grids ('karras', 'tuned'; from sigma_max =
     inf: 'uniform_t', 'sd3'). seconds: {'reference', 'fit', 'total'} wall time (total adds the
     baselines' and the held-out evaluations)."""
     sampler: str
@@ -76,6 +77,10 @@ class Calibration:
     method: str = ""
     evaluations: int = 0  # objective evaluations (each: one solve of the fit noises)
     reference: dict = field(default_factory=dict)  # how the reference was solved
+    coefficients: list | None = None  # sampler 'fitted': the per-step corrections fitted with the grid
+    # the median over held-out noises of each sample's RMS error: the typical error, which a few trajectories
+    # that end in another mode (and dominate rmse_val) do not move
+    median_val: dict = field(default_factory=dict)
 
     def grid_for(self, sampler: str, nfe: int | None, options: dict | None = None) -> Tensor:
         """The sigmas, after checking they were calibrated for this sampler, NFE and options;
@@ -85,7 +90,8 @@ class Calibration:
             raise ValueError(f"this grid was calibrated for {self.sampler} at NFE {self.nfe}, not {asked}; "
                              f"calibrate again for that pair (uf.samplers.calibrate)")
         spec = get(sampler)
-        mine, theirs = {**spec.defaults, **self.options}, {**spec.defaults, **(options or {})}
+        mine = {k: v for k, v in {**spec.defaults, **self.options}.items() if k != "coefficients"}
+        theirs = {k: v for k, v in {**spec.defaults, **(options or {})}.items() if k != "coefficients"}
         if mine != theirs:
             diff = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
             raise ValueError(f"this grid was calibrated for {sampler} with options {self.options or 'default'}; "
@@ -126,6 +132,13 @@ class Calibration:
             cal = cls(**d)
             get(cal.sampler)
             grids.check(cal.sigmas, cal.sigma_max)
+            if cal.coefficients is not None:
+                if cal.sampler != "fitted":
+                    raise ValueError(f"coefficients are for sampler 'fitted', not {cal.sampler!r}")
+                steps = len(cal.sigmas) - 1 - math.isinf(float(cal.sigmas[0]))
+                opts = {**get("fitted").defaults, **cal.options}
+                cal.coefficients = check_coefficients(cal.coefficients, steps, opts["order"],
+                                                      opts["lower_order_final"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: not a valid calibration: {e}") from None
         return cal
@@ -153,8 +166,10 @@ class Calibration:
                  f"{self.seconds.get('fit', 0):.1f} s; n_ref {self.n_ref}, n_val {self.n_val}"]
         for name in self.rmse_fit:
             val = self.rmse_val.get(name)
+            med = self.median_val.get(name)
             lines.append(f"  {name:10s} fit RMSE {self.rmse_fit[name]:.3e}" +
-                         (f"   held-out RMSE {val:.3e}" if val is not None else ""))
+                         (f"   held-out RMSE {val:.3e}" if val is not None else "") +
+                         (f" (median {med:.2e})" if med is not None else ""))
         lines.append("  sigmas " + ", ".join(f"{s:.4g}" for s in self.sigmas.tolist()))
         return "\n".join(lines)
 
@@ -167,13 +182,15 @@ def _unnum(v):
     return math.inf if v == "inf" else float(v)
 
 
-def resolve(grid, sampler: str, nfe: int | None, options: dict, sigma_min: float, sigma_max: float) -> Tensor:
+def resolve(grid, sampler: str, nfe: int | None, options: dict, sigma_min: float, sigma_max: float,
+            coefficients: bool = False):
     """The sigmas of a Calibration (or of a calibration JSON file) for sample(), checked against the
-    sampler, NFE, options and sigma range it is used with."""
+    sampler, NFE, options and sigma range it is used with; with coefficients=True, (sigmas, its fitted
+    coefficients or None)."""
     cal = grid if isinstance(grid, Calibration) else Calibration.load(grid)
     sig = cal.grid_for(sampler, nfe, options)
     cal.check_range(sigma_min, sigma_max)
-    return sig
+    return (sig, cal.coefficients) if coefficients else sig
 
 
 def is_calibration(grid) -> bool:
@@ -356,8 +373,12 @@ def _unipc_t(denoise, x, sig, *, order=2, variant="bh2", corrector=True, lower_o
     return x
 
 
+def _fitted_t(denoise, x, sig, **options):
+    return fitted_t(denoise, x, sig, moments=_moments_t, **options)
+
+
 DIFFERENTIABLE = {"euler": _euler_t, "ddim": _euler_t, "dpmpp_2m": _dpmpp_2m_t, "ipndm": _ipndm_t,
-                  "dpmpp_3m": _dpmpp_3m_t, "unipc": _unipc_t}
+                  "dpmpp_3m": _dpmpp_3m_t, "unipc": _unipc_t, "fitted": _fitted_t}
 
 
 def solve_differentiable(sampler: str, denoiser, noise: Tensor, sigmas: Tensor, cond: dict | None = None,
@@ -405,7 +426,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
               n_ref: int = 64, n_val: int = 64, cond=None, process=None, seed: int = 0, method: str = "auto",
               init="tuned", dtype: torch.dtype = torch.float64, device=None, reference=None,
               time_budget_s: float | None = None, max_evals: int | None = None, batch_size: int | None = None,
-              float_last: bool = True, options: dict | None = None, progress: bool = False) -> Calibration:
+              float_last: bool = True, options: dict | None = None, progress: bool = False,
+              regularization: float = 0.0) -> Calibration:
     """Fit `sampler`'s sigma grid at `nfe` denoiser calls to `denoiser`; see the module docstring.
 
     denoiser(x, sigma: Tensor(B,), **cond) -> E[x_0 | x], as for uf.sample. shape: one example's
@@ -431,6 +453,10 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         (the best grid so far is kept). batch_size: examples per denoiser call (default: all).
     float_last: let the last level rise above sigma_min (else it stays at sigma_min).
     options: the sampler's own keywords; sample() then checks they are the same.
+    sampler 'fitted': after the grid, the grid and the per-step correction coefficients are fitted
+        together (L-BFGS; each half of the time budget and max_evals), and kept where they lower the fit
+        RMSE; `regularization` adds that weight x the sum of squared coefficients to the log RMSE.
+        Needs a differentiable denoiser.
     progress: progress bars for the reference solve (denoiser calls) and the fit (evaluations).
     nfe is at most MAX_NFE.
     """
@@ -446,6 +472,12 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     auto = method == "auto"
+    fit_coefficients = sampler == "fitted"
+    if fit_coefficients and "coefficients" in options:
+        raise ValueError("calibrate fits the 'fitted' coefficients itself; do not pass options['coefficients']")
+    if fit_coefficients and method not in ("auto", "gradient"):
+        raise ValueError(f"sampler 'fitted' fits its coefficients by gradient; use method='auto' or 'gradient', "
+                         f"not {method!r}")
     if auto:
         method = "gradient" if sampler in DIFFERENTIABLE else "powell"
     if method == "gradient" and sampler not in DIFFERENTIABLE:
@@ -489,16 +521,21 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     base_names = ("uniform_t", "sd3") if inf else ("karras", "tuned")
     baselines = {name: plan(name) for name in base_names}
 
-    def run(sig, split):
-        """RMSE of the registered sampler on `split` with grid sig."""
-        sse, count = 0.0, 0
+    def run(sig, split, coefficients=None, median=False):
+        """RMSE of the registered sampler on `split` with grid sig (and 'fitted' coefficients); with
+        median=True, (RMSE, the median over samples of each one's RMS error)."""
+        sse, count, each = 0.0, 0, []
+        extra = {} if coefficients is None else {"coefficients": coefficients}
         for (x, c), r in zip(chunks[split], ref[split]):
             with torch.no_grad():
                 out = sample(denoiser, x, sampler, nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, grid=sig,
-                             cond=c, **options)
-            sse += float((out.double() - r.double()).pow(2).sum())
+                             cond=c, **options, **extra)
+            err2 = (out.double() - r.double()).pow(2)
+            sse += float(err2.sum())
             count += out.numel()
-        return math.sqrt(sse / count) if math.isfinite(sse) else math.inf
+            each.append(err2.flatten(1).mean(1).sqrt())
+        total = math.sqrt(sse / count) if math.isfinite(sse) else math.inf
+        return (total, float(torch.cat(each).median())) if median else total
 
     rmse_fit = {name: run(sig, "fit") for name, sig in baselines.items()}
     n_levels = int((baselines[base_names[0]] > 0).sum())
@@ -519,7 +556,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
 
     # ---- fit, from each start in turn (a list of inits: multi-start, each with its share of the budget)
     starts = [start_grid(i) for i in (init if isinstance(init, (list, tuple)) else [init])]
-    share = len(starts)
+    # 'fitted': the grid fit gets half the budget, the joint grid + coefficient fit the other half
+    share = len(starts) * (2 if fit_coefficients else 1)
     bar = tqdm(desc=f"calibrate {sampler} NFE {nfe}: fit", unit="eval", disable=not progress, leave=False,
                dynamic_ncols=True)
     t_fit, fits = time.perf_counter(), []
@@ -532,8 +570,8 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
     bar.close()
     sig, _, evaluations, method_used = min(fits, key=lambda f: f[1])
     evaluations = sum(f[2] for f in fits)
-    if share > 1:
-        method_used += f" (best of {share} starts)"
+    if len(starts) > 1:
+        method_used += f" (best of {len(starts)} starts)"
     seconds_fit = time.perf_counter() - t_fit
     fitted = run(sig, "fit")
     # the baselines the parametrisation could express (float_last=False: those ending at sigma_min)
@@ -544,13 +582,115 @@ def calibrate(denoiser, shape, sampler: str, nfe: int, *, sigma_min: float = 0.0
         warnings.warn(f"calibration of {sampler} at NFE {nfe} did not beat the {floor!r} grid on the fit noises "
                       f"({fitted:.3e} vs {rmse_fit[floor]:.3e}); returning the {floor!r} grid", RuntimeWarning)
         sig, fitted, method_used = baselines[floor], rmse_fit[floor], f"{method_used}; kept {floor} (no gain)"
-    rmse_fit = {"calibrated": fitted, **rmse_fit}
-    rmse_val = ({name: run(s, "val") for name, s in {"calibrated": sig, **baselines}.items()} if n_val else {})
+    coefficients, grid_only = None, None
+    if fit_coefficients:
+        t_coef = time.perf_counter()
+        grid_only = (sig, fitted)
+        sig_c, coefficients, n_evals = _fit_coefficients(
+            GridParam(n_levels, sigma_min, sigma_max, top=INF_TOP * float(sig[1]) if inf else None,
+                      float_last=float_last), sig, denoiser, chunks["fit"], ref["fit"], options,
+            None if time_budget_s is None else time_budget_s / 2,
+            None if max_evals is None else max(1, max_evals // 2), bar, regularization)
+        evaluations += n_evals
+        with_coef = run(sig_c, "fit", coefficients)
+        if with_coef < fitted:  # kept only where they gain on the fit noises
+            sig, fitted = sig_c, with_coef
+            method_used += " + coefficients (L-BFGS)"
+        else:
+            coefficients = None
+            method_used += " + coefficients (no gain, none kept)"
+        seconds_fit += time.perf_counter() - t_coef
+    rmse_fit = {"calibrated": fitted, **({"grid only": grid_only[1]} if grid_only else {}), **rmse_fit}
+    evaluated = {"calibrated": (sig, coefficients), **({"grid only": (grid_only[0], None)} if grid_only else {}),
+                 **{k: (b, None) for k, b in baselines.items()}}
+    both = {name: run(s, "val", c, median=True) for name, (s, c) in evaluated.items()} if n_val else {}
+    rmse_val, median_val = {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
     return Calibration(sampler=sampler, nfe=nfe, sigmas=sig, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
                        options=options, rmse_fit=rmse_fit, rmse_val=rmse_val,
                        seconds={"reference": round(t_ref, 3), "fit": round(seconds_fit, 3),
                                 "total": round(time.perf_counter() - t_start, 3)}, n_ref=n_ref,
-                       n_val=n_val, method=method_used, evaluations=evaluations, reference=ref_info)
+                       n_val=n_val, method=method_used, evaluations=evaluations, reference=ref_info,
+                       coefficients=coefficients, median_val=median_val)
+
+
+def _fit_coefficients(param: GridParam, sig: Tensor, denoiser, fit_chunks, fit_ref, options, time_budget_s,
+                      max_evals, bar, regularization: float) -> tuple[Tensor, list, int]:
+    """L-BFGS on the grid (z) and the 'fitted' coefficients together, from the grid `sig` and zero
+    coefficients; returns (sigmas, coefficients as lists of floats, objective evaluations)."""
+    opts = {**get("fitted").defaults, **options}
+    steps = len(sig) - 1 - param.inf
+    sizes = coefficient_sizes(steps, opts["order"], opts["lower_order_final"])
+    z = param.init(sig).requires_grad_(True)
+    theta = torch.zeros(sum(sizes), dtype=torch.float64, requires_grad=True)
+    best = {"loss": math.inf, "z": z.detach().clone(), "theta": theta.detach().clone(), "evals": 0}
+
+    def solve(x, c):
+        return solve_differentiable("fitted", denoiser, x, param.sigmas(z), c,
+                                    **{**options, "coefficients": list(theta.split(sizes))})
+
+    try:
+        _lbfgs({"z": z, "theta": theta}, solve, fit_chunks, fit_ref, best, time.perf_counter(), time_budget_s,
+               max_evals, bar, penalty=(lambda: regularization * theta.pow(2).sum()) if regularization else None,
+               tolerance=(1e-8, 1e-7), history=30)
+    except _OutOfTime:
+        pass
+    coefficients = [[float(v) for v in part] for part in best["theta"].split(sizes)]
+    return param.sigmas(best["z"]).detach(), coefficients, best["evals"]
+
+
+def _lbfgs(tensors: dict, solve, fit_chunks, fit_ref, best: dict, t0: float, time_budget_s, max_evals, bar,
+           penalty=None, tolerance=(1e-7, 1e-6), history: int = 20) -> None:
+    """L-BFGS (strong Wolfe line search) on the named tensors, minimising the log RMSE of solve(x, cond)
+    against the reference (plus penalty()); best[name] keeps the values of the best evaluation. Raises
+    _OutOfTime at the budget; restarts with a fresh history while it still gains (a line search can stall)."""
+    params = list(tensors.values())
+
+    def lbfgs():
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=10_000, tolerance_grad=tolerance[0],
+                                 tolerance_change=tolerance[1], history_size=history, line_search_fn="strong_wolfe")
+
+    opt = lbfgs()
+
+    def closure():
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            raise _OutOfTime
+        if max_evals is not None and best["evals"] >= max_evals:
+            raise _OutOfTime
+        opt.zero_grad()
+        sse, count = 0.0, 0
+        for (x, c), r in zip(fit_chunks, fit_ref):
+            out = solve(x, c)
+            part = (out.double() - r.double()).pow(2).sum()
+            part.backward()  # per chunk, so only one chunk's graph is alive
+            sse += part.item()
+            count += out.numel()
+        best["evals"] += 1
+        if not math.isfinite(sse) or sse <= 0:
+            for t in params:
+                t.grad = torch.zeros_like(t)
+            return torch.tensor(1e3, dtype=torch.float64)
+        for t in params:
+            t.grad = t.grad * (0.5 / sse)  # d/dt of log sqrt(sse / count)
+        val = 0.5 * math.log(sse / count)
+        if penalty is not None:
+            extra = penalty()
+            extra.backward()
+            val += extra.item()
+        if val < best["loss"]:
+            best.update(loss=val, **{k: t.detach().clone() for k, t in tensors.items()})
+        bar.update(1)
+        bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
+        return torch.tensor(val, dtype=torch.float64)
+
+    for _ in range(3):
+        before = best["loss"]
+        opt.step(closure)
+        if not best["loss"] < before - 1e-3:
+            break
+        with torch.no_grad():
+            for k, t in tensors.items():
+                t.copy_(best[k])
+        opt = lbfgs()
 
 
 def _fit_one(param: GridParam, start: Tensor, method: str, auto: bool, run, sampler, denoiser, fit_chunks, fit_ref,
@@ -718,43 +858,5 @@ def _fit_gradient(param, best, sampler, denoiser, fit_chunks, fit_ref, options, 
                   bar) -> None:
     """L-BFGS (strong Wolfe line search) on z; log RMSE through the differentiable solver."""
     z = best["z"].clone().requires_grad_(True)
-
-    def lbfgs():
-        return torch.optim.LBFGS([z], lr=1.0, max_iter=10_000, tolerance_grad=1e-7, tolerance_change=1e-6,
-                                 history_size=20, line_search_fn="strong_wolfe")
-
-    opt = lbfgs()
-
-    def closure():
-        if time_budget_s is not None and time.perf_counter() - t_fit > time_budget_s:
-            raise _OutOfTime
-        if max_evals is not None and best["evals"] >= max_evals:
-            raise _OutOfTime
-        opt.zero_grad()
-        sse, count = 0.0, 0
-        for (x, c), r in zip(fit_chunks, fit_ref):
-            out = solve_differentiable(sampler, denoiser, x, param.sigmas(z), c, **options)
-            part = (out.double() - r.double()).pow(2).sum()
-            part.backward()  # per chunk, so only one chunk's graph is alive
-            sse += part.item()
-            count += out.numel()
-        best["evals"] += 1
-        if not math.isfinite(sse) or sse <= 0:
-            z.grad = torch.zeros_like(z)
-            return torch.tensor(1e3, dtype=torch.float64)
-        z.grad = z.grad * (0.5 / sse)  # d/dz of log sqrt(sse / count)
-        val = 0.5 * math.log(sse / count)
-        if val < best["loss"]:
-            best.update(loss=val, z=z.detach().clone())
-        bar.update(1)
-        bar.set_postfix(rmse=f"{math.exp(best['loss']):.3e}")
-        return torch.tensor(val, dtype=torch.float64)
-
-    for _ in range(3):  # restart with a fresh history while it still gains (a line search can stall)
-        before = best["loss"]
-        opt.step(closure)
-        if not best["loss"] < before - 1e-3:
-            break
-        with torch.no_grad():
-            z.copy_(best["z"])
-        opt = lbfgs()
+    _lbfgs({"z": z}, lambda x, c: solve_differentiable(sampler, denoiser, x, param.sigmas(z), c, **options),
+           fit_chunks, fit_ref, best, t_fit, time_budget_s, max_evals, bar)
