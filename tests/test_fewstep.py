@@ -295,10 +295,10 @@ def test_progressive_rounds_chain_and_halve_the_steps(made, tmp_path):
         _train(tmp_path / "r4", objective="progressive", teacher=first["model"], student_steps=2)
 
 
-def test_an_ict_run_resumed_equals_the_run_continued(tmp_path, monkeypatch):
-    """The curriculum step lives in the checkpoint: 8 steps straight (N doubles every step) vs a
-    run that crashes after step 5 (checkpoint at 4) and resumes are bit-identical."""
-    kw = dict(objective="ict", steps=8, checkpoint_every=4, log_every=1, **EDM)
+def _straight_vs_crashed_and_resumed(tmp_path, monkeypatch, kw, at_crash=None):
+    """8 steps straight (run "a") vs a run "b" that crashes after step 5 (checkpoint at 4) and resumes;
+    asserts both end bit-identical (model, EMA, optimizer) and returns run "a"'s result and its
+    checkpoint. at_crash(checkpoint) is checked on "b"'s checkpoint before it resumes."""
     whole = _train(tmp_path / "a", **kw)
     real, calls = L.EMA.update, {"n": 0}
 
@@ -311,14 +311,99 @@ def test_an_ict_run_resumed_equals_the_run_continued(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(tmp_path / "b", **kw)
     monkeypatch.setattr(L.EMA, "update", real)
-    assert int(checkpoint.load(tmp_path / "b")[0]["model"]["ict_step"]) == 4
+    if at_crash is not None:
+        at_crash(checkpoint.load(tmp_path / "b")[0])
     _train(tmp_path / "b", resume=True, **kw)
     (ta, sa), (tb, sb) = checkpoint.load(whole["out"]), checkpoint.load(tmp_path / "b")
-    assert sa["step"] == sb["step"] == 8 and int(ta["model"]["ict_step"]) == 8
+    assert sa["step"] == sb["step"] == 8
     for group in ("model", "ema", "optimizer"):
         for k, v in ta[group].items():
             assert torch.equal(v, tb[group][k]), (group, k)
+    return whole, ta
+
+
+def test_an_ict_run_resumed_equals_the_run_continued(tmp_path, monkeypatch):
+    """The curriculum step lives in the checkpoint: 8 steps straight (N doubles every step) vs a
+    run that crashes after step 5 (checkpoint at 4) and resumes are bit-identical."""
+    def at_crash(ck):
+        assert int(ck["model"]["ict_step"]) == 4
+    kw = dict(objective="ict", steps=8, checkpoint_every=4, log_every=1, **EDM)
+    _, ta = _straight_vs_crashed_and_resumed(tmp_path, monkeypatch, kw, at_crash)
+    assert int(ta["model"]["ict_step"]) == 8
     assert [F.ict_steps(k, 8) for k in (0, 3, 4, 7)] == [11, 81, 161, 1281]  # N changes at the resume
+
+
+def _ema_target_model(mu=0.9):
+    spec = _spec(objective="ict", target_ema=mu, **EDM)
+    obj = {**spec.training["objective"], "name": "cd", "solver": "euler", "teacher": {"path": "-"}}
+    model = models.build(dataclasses.replace(spec, training={**spec.training, "objective": obj}))
+    model.__dict__["_teacher"] = _Oracle(0.3)
+    return model
+
+
+def test_cd_ema_target_starts_as_the_online_net_and_follows_the_ema_rule():
+    """--target-ema mu: theta^- is copied from theta at the first step random() announces, then
+    theta^- <- mu theta^- + (1 - mu) theta once per step; the loss compares the online net with the
+    target net's output at the teacher's step."""
+    model = _ema_target_model(0.9)
+    assert model.spec.training["objective"]["target_ema"] == 0.9
+    assert "EMA" in model.spec.training["objective"]["target"]
+    names = [n for n, _ in model.named_parameters()]
+    target = {n: getattr(model.target, n.replace(".", "/")) for n in names}
+    assert all(k.startswith("target") for k in set(model.state_dict()) - {n for n in names} - {"ict_step"})
+    assert not any(n.startswith("target") for n in names)  # buffers: never in the optimizer
+    src = datasets.load("moons")
+    batch = datasets.collate([src[i] for i in range(8)])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # the target is made at the first step, not at construction
+            p.add_(0.5)
+    model.loss({**batch, **model.random(8, g)})
+    assert int(model.target_started) == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(target[n], p)
+    before = {n: t.clone() for n, t in target.items()}
+    with torch.no_grad():
+        for p in model.parameters():  # an optimizer step
+            p.add_(torch.randn_like(p) * 0.1)
+    model.loss({**batch, **model.random(8, g)})
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(target[n], 0.9 * before[n] + 0.1 * p.detach())
+    after = {n: t.clone() for n, t in target.items()}
+    draws = model.random(8, g)
+    model.loss({**batch, **draws})  # one update per announced step, however many forwards (grad accumulation)
+    model.loss({**batch, **draws})
+    moved = [not torch.equal(after[n], target[n]) for n in names]
+    assert any(moved)
+    once = {n: t.clone() for n, t in target.items()}
+    model.loss({**batch, **draws})
+    assert all(torch.equal(once[n], target[n]) for n in names)
+    # the loss: lambda d(f_online(x, s), f_target(x_hat, s_next)), and the two nets differ
+    x0, n_ = batch["x0"], draws["noise"]
+    sig, nxt = draws["sigma"].float(), draws["sigma_next"].float()
+    x = x0 + sig[:, None] * n_
+    D = 0.3 / (0.3 + sig[:, None] ** 2) * x
+    x_hat = D + (nxt / sig)[:, None] * (x - D)
+    with torch.no_grad():
+        f_t, f_o = model.target_denoise(x_hat, nxt), model.denoise(x_hat, nxt)
+        assert not torch.allclose(f_t, f_o)
+        want = F.distance("pseudo_huber", model.denoise(x, sig), f_t) / (sig - nxt)
+        torch.testing.assert_close(model.loss({**batch, **draws}), want)
+
+
+def test_a_cd_run_with_an_ema_target_resumed_equals_the_run_continued(made, tmp_path, monkeypatch):
+    """theta^- lives in the checkpoint and is updated by the first forward of each step: 8 steps
+    straight vs a run that crashes after step 5 (checkpoint at 4) and resumes are bit-identical."""
+    kw = dict(objective="cd", teacher=made["teacher"], teacher_solver="euler", target_ema=0.8, steps=8,
+              checkpoint_every=4, log_every=1, **EDM)
+    whole, ta = _straight_vs_crashed_and_resumed(tmp_path, monkeypatch, kw)
+    weights = ta["model"]
+    assert int(weights["target_started"]) == 1
+    pairs = [(k, "target." + k.replace(".", "/")) for k in weights if k.startswith("net.")]
+    assert pairs and all(t in weights for _, t in pairs)
+    assert any(not torch.equal(weights[k], weights[t]) for k, t in pairs)  # the target lags the online net
+    model = models.load(whole["model"])  # and the saved model folder loads with it
+    assert model.spec.training["objective"]["target_ema"] == 0.8
 
 
 @pytest.mark.parametrize("name", ["distill", "progressive", "cd", "ict"])
@@ -354,6 +439,9 @@ def test_each_bad_request_gets_one_clear_error(made, tmp_path, capsys):
         (dict(objective="distill", reflow=True), "drop it for --objective distill"),
         (dict(objective="bogus"), "--objective 'bogus' is not valid"),
         (dict(objective="cd", teacher=made["teacher"], distance="lpips", **EDM), "--distance 'lpips' is not valid"),
+        (dict(objective="distill", target_ema=0.9), "--target-ema is for --objective cd or ict"),
+        (dict(objective="cd", teacher=made["teacher"], target_ema=1.0, **EDM), "--target-ema must be a decay in"),
+        (dict(objective="cd", teacher=made["teacher"], target_ema=0.9, sharding="fsdp", **EDM), "--sharding ddp"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -44,6 +44,7 @@ from ..likelihood import bits_per_dim, dequantize
 from ..safeio import atomic_path, atomic_write
 from . import features as fx
 from . import metrics
+from .level_search import is_search
 
 DEFAULT_SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "lms")
 DEFAULT_NFES = (5, 10, 20, 50)
@@ -223,19 +224,26 @@ def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | 
              batch_size: int = 500, first_seed: int = 0, progress: bool = False, calibration_dir: Path | None = None,
              **options) -> Row:
     """One row: N samples (seeds first_seed.., the model's default conditions) drawn and scored.
-    grid "calibrated": the model's calibrated grid for (sampler, nfe) (see calibrated_grid).
+    grid None: the model's default for (sampler, nfe), a grid stored in its spec for the pair
+    (calibrated, or searched levels) else its own grid; "calibrated": the model's calibrated grid
+    for (sampler, nfe) (see calibrated_grid); a Calibration or a tensor of sigmas as it is.
     options go to model.sample (sigma_min, sigma_max, sampler options)."""
     if model.one_pass:
         grid = None
-    use = calibrated_grid(model, sampler, nfe, calibration_dir) if grid == "calibrated" else grid
+    elif grid is None:
+        from ..models.fewstep import stored_grid
+        grid = stored_grid(model, sampler, nfe, options.get("sigma_min"), options.get("sigma_max")) \
+            or model.spec.grid["name"]
+    use = calibrated_grid(model, sampler, nfe, calibration_dir) if isinstance(grid, str) and grid == "calibrated" \
+        else grid
     t0 = time.perf_counter()
     with torch.no_grad():
         x, cond = model.sample(seeds=range(first_seed, first_seed + n), sampler=sampler, nfe=nfe, grid=use,
                                cfg=cfg_scale, batch_size=batch_size, return_cond=True, progress=progress, **options)
     seconds = time.perf_counter() - t0
     y = cond["y"] if cond and "y" in cond else None
-    shown = ("-" if model.one_pass else grid if isinstance(grid, str) else "calibrated" if grid is not None
-             else model.spec.grid["name"])
+    shown = ("-" if model.one_pass else grid if isinstance(grid, str) else "searched" if is_search(grid)
+             else "calibrated" if grid is not None else model.spec.grid["name"])
     shown = model.process.native_grid if shown == "native" else shown  # name the grid actually used
     return score(x, y, ref, dict(sampler=sampler, nfe=nfe, grid=shown, cfg_scale=cfg_scale, seconds=seconds))
 
@@ -419,8 +427,9 @@ def _items(text: str, what: str, cast=float) -> list:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
-    p.add_argument("--sampler", default=None, help="sampler of the single evaluation (default: the model's own: "
-                                                   "dpmpp_2m, or a few-step student's, e.g. euler or consistency)")
+    p.add_argument("--sampler", default=None, help="sampler of the single evaluation (default: the model's own, "
+                                                   "recorded when it was trained (dpmpp_2m for older models), or a "
+                                                   "few-step student's, e.g. euler or consistency)")
     p.add_argument("--nfe", type=int, default=None, help="denoiser-call budget of the single evaluation (default: the "
                                                          "model's own: 20, or a few-step student's K)")
     p.add_argument("--grid", default=None, help="sigma grid(s), e.g. karras or karras,tuned,calibrated (default: the "
@@ -445,6 +454,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="samples per batch")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--search-levels", action="store_true",
+                   help="few-step sampling (euler, consistency; NFE >= 2): pick the levels between the first and 0 "
+                        "one at a time by FID on --n samples of seeds 1,000,000.. (the CM paper's greedy search; "
+                        "evaluation/level_search.py), store them in the model folder's spec as its default grid "
+                        "for that sampler and NFE, and score them against the model's own grid on seeds 0..n-1")
+    p.add_argument("--search-range", default=None, metavar="LOW,HIGH",
+                   help="--search-levels: the candidate sigmas (default: the model's sigma_min to its sigma_max, "
+                        "or 100 below a first level inf)")
+
+
+def check_search(args, model, sampler: str, nfe: int) -> tuple:
+    """--search-levels' one-line refusals before anything is sampled; (low, high, model folder)."""
+    from . import level_search
+    if args.sweep or args.grid or args.ema_sweep:
+        raise ValueError("--search-levels scores one sampler and NFE against the model's own grid: drop "
+                         + ", ".join(f for f, v in (("--sweep", args.sweep), ("--grid", args.grid),
+                                                    ("--ema-sweep", args.ema_sweep)) if v))
+    if model.spec.conditioning.get("kind") == "text":
+        raise ValueError("--search-levels scores FID of class-conditional or unconditional samples; this model is "
+                         "text-conditional")
+    level_search.check_model(model, sampler, nfe)
+    low = high = None
+    if args.search_range:
+        vals = _items(args.search_range, "--search-range")
+        if len(vals) != 2 or not 0 < vals[0] < vals[1] or not math.isfinite(vals[1]):
+            raise ValueError(f"--search-range must be LOW,HIGH with 0 < LOW < HIGH < inf, got {args.search_range!r}")
+        low, high = vals
+    return low, high, level_search.model_folder(args.checkpoint)
 
 
 def run_dir(checkpoint) -> Path:
@@ -466,6 +503,9 @@ def run(args) -> dict:
         raise ValueError(f"--probes must be >= 1, got {args.probes}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = models.load(args.checkpoint, use_ema=not args.no_ema, device=device)
+    if getattr(args, "search_levels", False) and model.scores in ("retrieval", "reconstructions"):
+        raise ValueError(f"a {model.spec.family} model has no noise levels to search: give a diffusion or flow model "
+                         "or a few-step student")
     if model.scores == "retrieval":  # a text-image encoder: retrieval and zero-shot attributes
         from .textimage import run_retrieval
         return run_retrieval(args, model)
@@ -482,13 +522,13 @@ def run(args) -> dict:
         names, nfes, grid_names = [ONE_PASS], [1], ["-"]
     elif args.sweep:
         names, nfes = _items(args.samplers, "--samplers", str), _items(args.nfes, "--nfes", int)
-    else:  # the model's own sampler and NFE unless named (a few-step student's, else dpmpp_2m at 20)
+    else:  # the model's own sampler and NFE unless named (spec.sampling_defaults())
         own = spec.sampling_defaults()
         names, nfes = [args.sampler or own[0]], [args.nfe if args.nfe is not None else own[1]]
-    if not model.one_pass:
-        grid_names = _items(args.grid, "--grid", str) if args.grid else [spec.grid["name"]]
+    if not model.one_pass:  # None: the model's default for the pair (a stored grid, else its own)
+        grid_names = _items(args.grid, "--grid", str) if args.grid else [None]
         valid_grids = sorted(samplers.grids.GRIDS) + ["native", "calibrated"]
-        unknown_grids = [g for g in grid_names if g not in valid_grids]
+        unknown_grids = [g for g in grid_names if g is not None and g not in valid_grids]
         if unknown_grids:
             raise ValueError(f"unknown grid(s) {unknown_grids}; choose from {valid_grids}")
         unknown = [s for s in names if s not in samplers.names()]
@@ -496,6 +536,11 @@ def run(args) -> dict:
             raise ValueError(f"unknown sampler(s) {unknown}; choose from {samplers.names()}")
     if min(nfes) < 1:
         raise ValueError(f"--nfe must be >= 1, got {min(nfes)}")
+    search = getattr(args, "search_levels", False)
+    if getattr(args, "search_range", None) and not search:
+        raise ValueError("--search-range is for --search-levels")
+    if search:
+        search = check_search(args, model, names[0], nfes[0])
     source = spec.data.get("source")
     if not source:
         raise ValueError("the model's spec does not name its training data (spec.data.source), so there is "
@@ -535,8 +580,21 @@ def run(args) -> dict:
         if len(grid_names) > 1 or len(names) > 1 or len(nfes) > 1:
             raise ValueError("a text-conditional model is scored at one sampler, NFE and --grid (and any "
                              "--cfg-scales); drop --sweep / give one --grid")
-        return run_text(args, model, ref, out, scales, names[0], nfes[0], grid=grid_names[0])
+        return run_text(args, model, ref, out, scales, names[0], nfes[0], grid=grid_names[0] or spec.grid["name"])
     floor = real_data_row(ref)
+    if search:  # the levels picked on seeds 1,000,000.., stored, then both grids scored on seeds 0..n-1
+        from . import level_search
+        print(f"searching the levels of {names[0]} at NFE {nfes[0]} by FID on {args.n} samples of seeds "
+              f"{level_search.SEARCH_SEED}..")
+        cal = level_search.search_levels(model, nfes[0], ref=ref, sampler=names[0], n=args.n, low=search[0],
+                                         high=search[1], batch_size=args.batch_size, progress=True)
+        print(level_search.summary(cal))
+        spec_path = level_search.store(search[2], cal)
+        print(f"stored in {spec_path}: the default grid of {names[0]} at NFE {nfes[0]} when that model folder "
+              f"is sampled or evaluated" + ("" if search[2] == Path(args.checkpoint) else
+                                          f" (--checkpoint {search[2]}; the run's checkpoints keep their own spec)"))
+        atomic_write(out / "level_search.json", json.dumps(cal.to_dict(), indent=1))
+        grid_names = [spec.grid["name"], cal]
     settings = [(s, k, g, w) for w in scales for g in grid_names for s in names for k in nfes]
     rows = []
     for s, k, g, w in tqdm(settings, desc="eval", disable=len(settings) < 2):

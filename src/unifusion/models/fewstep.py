@@ -37,10 +37,20 @@ x0 + s_next n with the same n (ict: N(k) = min(s0 2^floor(k/K'), s1) + 1 over th
 K' = floor(K / (log2 floor(s1/s0) + 1)), s0 = 10, s1 = 1280, fixed when the run starts; intervals
 from the lognormal P_mean -1.1, P_std 2.0). Both weight by iCT's lambda = 1 / (s - s_next): the
 CD paper's lambda = 1 gave a 3x worse one-step sliced W2 on moons at equal steps (0.099 vs 0.034;
-the teacher's dpmpp_2m at NFE 20: 0.042). The target is the online network
-under stop-gradient, as iCT prescribes (the CD paper's EMA target network is not used: one
-network, nothing extra to keep in step under DDP). The spec grid `consistency` (N from training,
-the final curriculum N for ict) gives the sampler its levels.
+the teacher's dpmpp_2m at NFE 20: 0.042). By default the target is the online network under
+stop-gradient, as iCT prescribes. --target-ema mu > 0 uses the CD paper's target network instead:
+theta^- <- mu theta^- + (1 - mu) theta after every optimizer step (the CM paper's CD: mu = 0.95),
+theta^- starting as a copy of the online weights at the run's first step. theta^- is a set of
+buffers, `target.<parameter name with '/' for '.'>` (one per trainable parameter, the class
+embedding included; the flag `target_started` says whether the copy was made): in state_dict and
+checkpoints, never in the optimizer; a whole copy, so refused with --sharding fsdp. The update is
+applied by the first forward of a step, after random() announced the step, so a checkpoint holds
+theta^- as the step left it and a resumed run (whose first random() announces its first step
+again) continues it exactly. The
+spec grid `consistency` (N from training, the final curriculum N for ict) gives the sampler its
+levels; a grid searched for the model (evaluation/level_search.py: the greedy level search of
+the CM paper) is stored in the spec's calibrated grids and is its default for that sampler and
+NFE.
 
 The teacher (progressive, cd) is loaded on first use with models.load and kept in the
 instance's __dict__: frozen, never in state_dict, parameters, the optimizer, the EMA or DDP,
@@ -54,7 +64,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import parametrizations
 from ..parametrizations import _bc
@@ -201,6 +211,8 @@ class StudentOptions:
                                    "and ict, l2 otherwise)", choices=("auto",) + DISTANCES)
     cm_steps: int = option(18, "cd: the discretisation's N (karras, rho 7)", minimum=2)
     teacher_solver: str = option("heun", "cd: the teacher's ODE step, euler | heun", choices=TEACHER_SOLVERS)
+    target_ema: float = option(0.0, "cd, ict: the target network's EMA decay mu per step (0 = the online network "
+                                    "under stop-gradient, iCT's choice; the CM paper's CD uses 0.95)", minimum=0.0)
 
 
 class StudentModel(DiffusionModel):
@@ -230,6 +242,14 @@ class StudentModel(DiffusionModel):
             self.teacher_levels = decode_levels(self.objective["teacher"]["levels"])
         if self.kind == "ict":  # the curriculum's step: advanced by random(), carried by checkpoints
             self.register_buffer("ict_step", torch.zeros((), dtype=torch.long))
+        self.target_ema = float(self.objective.get("target_ema", 0.0))
+        if self.target_ema > 0:  # the EMA target network's weights: buffers (module docstring)
+            self._target_names = [name for name, _ in self.named_parameters()]
+            self.target = nn.Module()
+            for name, p in self.named_parameters():
+                self.target.register_buffer(name.replace(".", "/"), p.detach().clone())
+            self.register_buffer("target_started", torch.zeros((), dtype=torch.long))
+        self.__dict__["_target_due"] = False  # random() announced a step: update the target first
         self.__dict__["_teacher"] = None  # not a submodule (module docstring)
 
     @classmethod
@@ -253,6 +273,9 @@ class StudentModel(DiffusionModel):
         if spec.grid["name"] != want_grid:
             raise ValueError(f"a {name} student samples on its own {want_grid!r} grid, but its spec grid is "
                              f"{spec.grid['name']!r}")
+        mu = obj.get("target_ema", 0.0)
+        if not (isinstance(mu, (int, float)) and 0 <= mu < 1) or (mu and not consistency):
+            raise ValueError(f"spec objective target_ema {mu!r} must be a decay in [0, 1) of a cd or ict student")
         if consistency:
             if spec.grid["kwargs"].get("steps") != obj.get("steps"):
                 raise ValueError(f"spec grid steps {spec.grid['kwargs'].get('steps')} differ from the objective's N "
@@ -292,7 +315,34 @@ class StudentModel(DiffusionModel):
         out = self._draws(n, generator, int(self.ict_step) if self.kind == "ict" else 0)
         if self.kind == "ict":
             self.ict_step += 1
+        self.__dict__["_target_due"] = self.target_ema > 0
         return out
+
+    # ------------------------------------------------------------------ the EMA target network
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta; the first update copies theta (module docstring).
+        No host read: the first-update switch is a device-side weight."""
+        online = dict(self.named_parameters())
+        first = self.target_started == 0
+        targets, sources = [], []
+        for name in self._target_names:
+            p = online[name]
+            t = getattr(self.target, name.replace(".", "/"))
+            targets.append(t)
+            sources.append(p.detach().to(t.dtype))
+        weight = torch.where(first, 1.0, 1.0 - self.target_ema).to(targets[0].device, targets[0].dtype)
+        for t, p in zip(targets, sources):
+            t.lerp_(p, weight)
+        self.target_started.fill_(1)
+
+    def target_denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        """The denoiser with the target network's weights (the online one when --target-ema is 0)."""
+        if self.target_ema == 0:
+            return self.denoise(x, sigma, **cond)
+        weights = {name: getattr(self.target, name.replace(".", "/")) for name in self._target_names}
+        return torch.func.functional_call(_Denoiser(self), {f"model.{k}": v for k, v in weights.items()},
+                                          (x, sigma), cond, strict=False)
 
     def _draws(self, n: int, generator, step: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -336,6 +386,9 @@ class StudentModel(DiffusionModel):
             x = torch.where(_mask(torch.isinf(sigma), x0), noise, x0 + _bc(sigma, x0).nan_to_num(posinf=0) * noise)
             return distance(self.objective["distance"], denoise_rows(self.denoise, x, sigma, cond), x0)
         s_next = get("sigma_next").to(x0.device, x0.dtype)
+        if self.__dict__["_target_due"]:  # the first forward of a step announced by random()
+            self.__dict__["_target_due"] = False
+            self.update_target()
         if self.kind == "progressive":
             return self._progressive(x0, noise, sigma, get("sigma_mid").to(x0.device, x0.dtype), s_next, cond)
         x = x0 + _bc(sigma, x0) * noise
@@ -349,8 +402,8 @@ class StudentModel(DiffusionModel):
                     x_hat = euler_step(x, t.denoise(x, sigma, **tcond), sigma, s_next)
         else:  # ict: the same noise one level lower
             x_hat = x0 + _bc(s_next, x0) * noise
-        with torch.no_grad():  # the online network under stop-gradient
-            target = self.denoise(x_hat, s_next, **cond)
+        with torch.no_grad():  # the target network (by default the online one) under stop-gradient
+            target = self.target_denoise(x_hat, s_next, **cond)
         weight = 1 / (sigma - s_next)  # iCT's lambda, for cd too (module docstring)
         return weight * distance(self.objective["distance"], self.denoise(x, sigma, **cond), target)
 
@@ -386,9 +439,45 @@ class StudentModel(DiffusionModel):
         sampler = sampler or own
         if nfe is None and steps is None:
             nfe = k
-        if sampler == "consistency" and isinstance(self.param, parametrizations.ConsistencyPrecond):
-            kwargs.setdefault("sigma_floor", self.param.sigma_min)
+        for key, value in self.sampler_options(sampler).items():
+            kwargs.setdefault(key, value)
+        if kwargs.get("grid") is None and steps is None and self.sampler_options(sampler):
+            # the base class looks for a grid stored for the pair only when no sampler option is given
+            kwargs["grid"] = stored_grid(self, sampler, nfe, kwargs.get("sigma_min"), kwargs.get("sigma_max"))
         return super().sample(n, seeds, noise, sampler=sampler, nfe=nfe, steps=steps, **kwargs)
+
+    def sampler_options(self, sampler: str) -> dict:
+        """The sampler options sample() adds: the consistency sampler's noise floor at sigma_min."""
+        if sampler == "consistency" and isinstance(self.param, parametrizations.ConsistencyPrecond):
+            return {"sigma_floor": self.param.sigma_min}
+        return {}
+
+
+def stored_grid(model, sampler: str, nfe: int | None, sigma_min: float | None = None, sigma_max: float | None = None):
+    """The grid stored in a denoiser model's spec for (sampler, nfe) (`unifusion calibrate
+    --save-to-model`, or the levels of `unifusion eval --search-levels`) when it was made for this
+    sigma range (None: the model's own) and the sampler options the model adds, else None."""
+    cal = model.spec.calibration(sampler, nfe) if nfe is not None else None
+    if cal is None:
+        return None
+    lo, hi = model.spec.sigma_range()
+    wanted = (lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max)
+    options = model.sampler_options(sampler) if hasattr(model, "sampler_options") else {}
+    if wanted != (cal.sigma_min, cal.sigma_max) or dict(cal.options) != options:
+        return None
+    return cal
+
+
+class _Denoiser(nn.Module):
+    """model.denoise as a module's forward (torch.func.functional_call swaps its weights for the
+    target network's); not a submodule of the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        return self.model.denoise(x, sigma, **cond)
 
 
 # ------------------------------------------------------------------------------ specs
@@ -500,12 +589,12 @@ def student_spec(cfg, source, base: ModelSpec) -> ModelSpec:
             check_teacher(tspec, base, o.teacher)
             n = o.cm_steps
             obj.update(teacher={"path": str(o.teacher), "family": tspec.family, "solver": o.teacher_solver},
-                       solver=o.teacher_solver, target="online network, stop-gradient",
-                       weighting="1/(sigma - sigma_next)")
+                       solver=o.teacher_solver, weighting="1/(sigma - sigma_next)")
         else:
             n = ict_steps(cfg.steps - 1, cfg.steps)
-            obj.update(ICT, total_steps=cfg.steps, target="online network, stop-gradient",
-                       weighting="1/(sigma - sigma_next)")
+            obj.update(ICT, total_steps=cfg.steps, weighting="1/(sigma - sigma_next)")
+        obj.update(target=f"EMA of the online network, decay {o.target_ema:g} per step, stop-gradient"
+                   if o.target_ema else "online network, stop-gradient", target_ema=float(o.target_ema))
         obj.update(steps=n, rho=CONSISTENCY_RHO, sampler={"name": "consistency", "nfe": min(DEFAULT_CONSISTENCY_NFE, n - 1)})
         spec.parametrization = {"name": "consistency", "kwargs": {"sigma_data": cfg.sigma_data, "sigma_min": lo}}
         spec.grid = {"name": "consistency", "kwargs": {"steps": n, "rho": CONSISTENCY_RHO}}
@@ -566,6 +655,14 @@ def check_options(cfg) -> None:
     if name == "ict" and cfg.init_from:
         raise ValueError("--objective ict trains from scratch (consistency training); drop --init-from, or distil a "
                          "teacher with --objective cd --init-from TEACHER")
+    if o.target_ema and name not in ("cd", "ict"):
+        raise ValueError(f"--target-ema is for --objective cd or ict (a consistency target network); drop it for "
+                         f"--objective {name}")
+    if not o.target_ema < 1:
+        raise ValueError(f"--target-ema must be a decay in [0, 1) (0: the online network), got {o.target_ema}")
+    if o.target_ema and cfg.sharding == "fsdp":
+        raise ValueError("--target-ema keeps a whole copy of the weights beside the shards; train it with --sharding "
+                         "ddp (or without --target-ema)")
     if name in ("cd", "ict") and o.student_steps:
         raise ValueError("--student-steps is for --objective distill or progressive; cd and ict use --cm-steps / "
                          "their curriculum")
