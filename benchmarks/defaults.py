@@ -81,21 +81,11 @@ RECIPES = {  # process -> its usual parametrization and training density (the pa
 }
 
 
-def stiff_mixture(dim: int, components: int, seed: int, rank: int = 4, floor: float = 1e-4,
-                  scale: float = 0.4, spread: float = 2.0) -> GaussianMixture:
-    """Components with a rank-`rank` covariance plus `floor` x scale^2 in every direction."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(components, dim, generator=g, dtype=torch.float64) * spread / math.sqrt(dim / 2)
-    A = torch.randn(components, dim, rank, generator=g, dtype=torch.float64) * scale / math.sqrt(rank)
-    covs = A @ A.transpose(1, 2) + floor * scale**2 * torch.eye(dim, dtype=torch.float64)
-    return GaussianMixture(0.5 + torch.rand(components, generator=g, dtype=torch.float64), means, covs)
-
-
 def problems() -> list[tuple[str, GaussianMixture, int]]:
     return [("2-D seed 11", GaussianMixture.random(2, 8, seed=11), 256),
             ("2-D seed 12", GaussianMixture.random(2, 8, seed=12), 256),
             ("64-D seed 13", GaussianMixture.random(64, 8, seed=13), 96),
-            ("64-D stiff", stiff_mixture(64, 8, seed=14), 96)]
+            ("64-D stiff", GaussianMixture.stiff(64, 8, seed=14), 96)]  # rank 4 + a 1e-4 floor
 
 
 def sampling_range(pname: str) -> tuple[float, float]:
