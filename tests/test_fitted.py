@@ -13,7 +13,7 @@ from unifusion.evaluation.mixture import GaussianMixture
 from unifusion.processes import Flow
 from unifusion.samplers import Calibration, calibrate, grids
 from unifusion.samplers.calibrate import _moments_t, solve_differentiable
-from unifusion.samplers.fitted import coefficient_sizes, fitted_t, step_orders
+from unifusion.samplers.fitted import fitted_t, step_orders
 from tests.oracles import central_differences, mixture_2d, noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def random_coefficients(steps: int, seed: int = 0, scale: float = 0.05, order: int = 3) -> list[list[float]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(k, generator=g, dtype=torch.float64) * scale).tolist()
-            for k in coefficient_sizes(steps, order)]
+            for k in step_orders(steps, order)]
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 3, 5, 10, 16, 20])
@@ -55,7 +55,7 @@ def test_the_gradient_in_the_coefficients_matches_finite_differences():
     x = noise(8, 2, seed=4)
     ref = gm.pf_ode(x, 80.0, 0.0)
     sig = grids.make("tuned", 5, 0.002, 80.0)
-    sizes = coefficient_sizes(5)
+    sizes = step_orders(5)
     theta = torch.tensor(sum(random_coefficients(5, seed=2), []), dtype=torch.float64, requires_grad=True)
 
     def loss(t):
@@ -71,7 +71,7 @@ def test_the_gradient_in_the_coefficients_matches_finite_differences():
 def test_step_orders_warm_start_and_lower_order_end():
     assert step_orders(5) == [1, 2, 2, 1, 3]  # like dpmpp_3m: lower near the end (n < 15), the last uses all
     assert step_orders(16) == [1, 2] + [3] * 14
-    assert coefficient_sizes(5, order=2) == [1, 2, 2, 1, 2]
+    assert step_orders(5, order=2) == [1, 2, 2, 1, 2]
 
 
 def gaussian(dim: int = 4) -> GaussianMixture:
@@ -100,7 +100,7 @@ def fitted_cal():
 def test_calibration_fits_coefficients_that_help_on_held_out_noises(fitted_cal):
     cal = fitted_cal
     assert cal.coefficients is not None and "coefficients" in cal.method
-    assert [len(c) for c in cal.coefficients] == coefficient_sizes(5)
+    assert [len(c) for c in cal.coefficients] == step_orders(5)
     assert cal.rmse_fit["calibrated"] < cal.rmse_fit["grid only"]
     assert cal.rmse_val["calibrated"] < cal.rmse_val["tuned"]
     # sample() takes them from the calibration: the same as passing them by hand on its grid

@@ -231,8 +231,8 @@ def evaluate(model, ref: Reference, sampler: str, nfe: int, n: int, grid: str | 
     if model.one_pass:
         grid = None
     elif grid is None:
-        from ..models.fewstep import stored_grid
-        grid = stored_grid(model, sampler, nfe, options.get("sigma_min"), options.get("sigma_max")) \
+        own = {k: v for k, v in options.items() if k not in ("sigma_min", "sigma_max")}  # the sampler's options
+        grid = model.stored_grid(sampler, nfe, options.get("sigma_min"), options.get("sigma_max"), own) \
             or model.spec.grid["name"]
     use = calibrated_grid(model, sampler, nfe, calibration_dir) if isinstance(grid, str) and grid == "calibrated" \
         else grid

@@ -144,8 +144,8 @@ class DiffusionModel(Model):
         sampler = sampler or own
         if nfe is None and steps is None:
             nfe = own_nfe
-        if grid is None and steps is None and not options:  # a grid calibrated to this model for the pair
-            grid = self.spec.calibration(sampler, nfe, sigma_min, sigma_max)
+        if grid is None and steps is None:  # a grid stored for the pair (calibrated, or searched levels)
+            grid = self.stored_grid(sampler, nfe, sigma_min, sigma_max, options)
         grid = grid if grid is not None else self.spec.grid["name"]
         grid_options = grid_options if grid_options is not None else (
             self.spec.grid["kwargs"] if isinstance(grid, str) and grid == self.spec.grid["name"] else {})
@@ -173,6 +173,20 @@ class DiffusionModel(Model):
             outs.append((self.decode(x) if decode or self.spec.data.get("kind") != "latent" else x).cpu())
         x = torch.cat(outs)
         return (x, cond) if return_cond else x
+
+    def sampler_options(self, sampler: str) -> dict:
+        """The sampler options sample() adds on its own (a few-step student's consistency floor)."""
+        return {}
+
+    def stored_grid(self, sampler: str, nfe: int | None, sigma_min: float | None = None,
+                    sigma_max: float | None = None, options: dict | None = None):
+        """The grid stored in the spec for (sampler, nfe) (`unifusion calibrate --save-to-model`,
+        `train --calibrate`, `unifusion eval --search-levels`) when it was made for this sigma range
+        (None: the model's own) and these sampler options (with the ones sample() adds), else None."""
+        lo, hi = self.spec.sigma_range()
+        return self.spec.calibration(sampler, nfe, lo if sigma_min is None else sigma_min,
+                                     hi if sigma_max is None else sigma_max,
+                                     {**self.sampler_options(sampler), **(options or {})})
 
     # ------------------------------------------------------------------ calibration
     def calibration_pair(self, sampler: str | None = None, nfe: int | None = None) -> tuple[str, int]:

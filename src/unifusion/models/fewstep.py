@@ -441,9 +441,6 @@ class StudentModel(DiffusionModel):
             nfe = k
         for key, value in self.sampler_options(sampler).items():
             kwargs.setdefault(key, value)
-        if kwargs.get("grid") is None and steps is None and self.sampler_options(sampler):
-            # the base class looks for a grid stored for the pair only when no sampler option is given
-            kwargs["grid"] = stored_grid(self, sampler, nfe, kwargs.get("sigma_min"), kwargs.get("sigma_max"))
         return super().sample(n, seeds, noise, sampler=sampler, nfe=nfe, steps=steps, **kwargs)
 
     def sampler_options(self, sampler: str) -> dict:
@@ -451,21 +448,6 @@ class StudentModel(DiffusionModel):
         if sampler == "consistency" and isinstance(self.param, parametrizations.ConsistencyPrecond):
             return {"sigma_floor": self.param.sigma_min}
         return {}
-
-
-def stored_grid(model, sampler: str, nfe: int | None, sigma_min: float | None = None, sigma_max: float | None = None):
-    """The grid stored in a denoiser model's spec for (sampler, nfe) (`unifusion calibrate
-    --save-to-model`, or the levels of `unifusion eval --search-levels`) when it was made for this
-    sigma range (None: the model's own) and the sampler options the model adds, else None."""
-    cal = model.spec.calibration(sampler, nfe) if nfe is not None else None
-    if cal is None:
-        return None
-    lo, hi = model.spec.sigma_range()
-    wanted = (lo if sigma_min is None else sigma_min, hi if sigma_max is None else sigma_max)
-    options = model.sampler_options(sampler) if hasattr(model, "sampler_options") else {}
-    if wanted != (cal.sigma_min, cal.sigma_max) or dict(cal.options) != options:
-        return None
-    return cal
 
 
 class _Denoiser(nn.Module):

@@ -175,14 +175,16 @@ class ModelSpec:
                              f"{samplers.names()}")
 
     def calibration(self, sampler: str, nfe: int | None, sigma_min: float | None = None,
-                    sigma_max: float | None = None):
-        """The calibrated grid stored for (sampler, nfe), or None; with a sigma range, only one
-        calibrated on that range (what default sampling over that range uses)."""
+                    sigma_max: float | None = None, options: dict | None = None):
+        """The calibrated grid stored for (sampler, nfe), or None; with a sigma range (and sampler
+        options), only one calibrated on that range (with those options): what default sampling uses."""
         from ..samplers.calibrate import Calibration
         cal = self.calibrated.get(calibration_key(sampler, nfe)) if nfe is not None else None
         cal = None if cal is None else Calibration.from_dict(cal)
         if cal is not None and sigma_min is not None and (sigma_min, sigma_max) != (cal.sigma_min, cal.sigma_max):
             return None  # calibrated for the model's own range only
+        if cal is not None and options is not None and dict(cal.options) != options:
+            return None  # a grid fitted with other sampler options is no better than a guess
         return cal
 
     def sigma_range(self) -> tuple[float, float]:

@@ -119,7 +119,7 @@ def sample(denoiser, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | 
         if "coefficients" in options:
             raise ValueError("a calibration carries its own coefficients; pass the calibration or coefficients=, "
                              "not both")
-        grid, fitted_coefficients = resolve(grid, sampler, nfe, options, sigma_min, sigma_max, coefficients=True)
+        grid, fitted_coefficients = resolve(grid, sampler, nfe, options, sigma_min, sigma_max)
         if fitted_coefficients is not None:
             options = {**options, "coefficients": fitted_coefficients}
     # nfe defaults to 10 only when neither steps nor an explicit grid fixes the length

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import grids
 from .expint import lagrange_weights
-from .fitted import check_coefficients, coefficient_sizes, fitted_t
+from .fitted import check_coefficients, fitted_t, step_orders
 from .registry import get
 from .unipc import unipc_system
 
@@ -182,15 +182,13 @@ def _unnum(v):
     return math.inf if v == "inf" else float(v)
 
 
-def resolve(grid, sampler: str, nfe: int | None, options: dict, sigma_min: float, sigma_max: float,
-            coefficients: bool = False):
-    """The sigmas of a Calibration (or of a calibration JSON file) for sample(), checked against the
-    sampler, NFE, options and sigma range it is used with; with coefficients=True, (sigmas, its fitted
-    coefficients or None)."""
+def resolve(grid, sampler: str, nfe: int | None, options: dict, sigma_min: float, sigma_max: float):
+    """(sigmas, fitted coefficients or None) of a Calibration (or of a calibration JSON file) for
+    sample(), checked against the sampler, NFE, options and sigma range it is used with."""
     cal = grid if isinstance(grid, Calibration) else Calibration.load(grid)
     sig = cal.grid_for(sampler, nfe, options)
     cal.check_range(sigma_min, sigma_max)
-    return (sig, cal.coefficients) if coefficients else sig
+    return sig, cal.coefficients
 
 
 def is_calibration(grid) -> bool:
@@ -619,7 +617,7 @@ def _fit_coefficients(param: GridParam, sig: Tensor, denoiser, fit_chunks, fit_r
     coefficients; returns (sigmas, coefficients as lists of floats, objective evaluations)."""
     opts = {**get("fitted").defaults, **options}
     steps = len(sig) - 1 - param.inf
-    sizes = coefficient_sizes(steps, opts["order"], opts["lower_order_final"])
+    sizes = step_orders(steps, opts["order"], opts["lower_order_final"])
     z = param.init(sig).requires_grad_(True)
     theta = torch.zeros(sum(sizes), dtype=torch.float64, requires_grad=True)
     best = {"loss": math.inf, "z": z.detach().clone(), "theta": theta.detach().clone(), "evals": 0}

@@ -29,7 +29,8 @@ from .registry import register
 
 def step_orders(n: int, order: int = 3, lower_order_final: bool = True) -> list[int]:
     """How many denoiser outputs step i of n combines (the base's order, as dpmpp_3m picks it; the
-    last step, to sigma = 0, uses every output it has)."""
+    last step, to sigma = 0, uses every output it has): also the length k_i of step i's correction
+    [a_i, b_i1, ..., b_i(k-1)]."""
     out = []
     for i in range(n):
         have = min(order, i + 1)
@@ -41,14 +42,9 @@ def step_orders(n: int, order: int = 3, lower_order_final: bool = True) -> list[
     return out
 
 
-def coefficient_sizes(n: int, order: int = 3, lower_order_final: bool = True) -> list[int]:
-    """The length of each step's correction [a_i, b_i1, ..., b_i(k-1)]: k_i numbers."""
-    return step_orders(n, order, lower_order_final)
-
-
 def check_coefficients(coefficients, n: int, order: int = 3, lower_order_final: bool = True) -> list[list[float]]:
     """The coefficients as lists of floats, after checking their shape against n steps (ValueError)."""
-    sizes = coefficient_sizes(n, order, lower_order_final)
+    sizes = step_orders(n, order, lower_order_final)
     if not isinstance(coefficients, (list, tuple)) or len(coefficients) != n:
         got = len(coefficients) if isinstance(coefficients, (list, tuple)) else type(coefficients).__name__
         raise ValueError(f"'fitted' coefficients: need one list per step ({n} for this grid), got {got}; they "
