@@ -43,17 +43,21 @@ METHOD = "greedy level search"
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
+def _check_nfe(nfe) -> None:
+    if not isinstance(nfe, int) or nfe < 2:
+        raise ValueError(f"the level search needs NFE >= 2 (it picks the levels between the first one and 0; at NFE "
+                         f"1 there is only the first), got {nfe!r}")
+    if nfe > MAX_NFE:
+        raise ValueError(f"the level search is for few-step budgets: NFE <= {MAX_NFE}, got {nfe}")
+
+
 def greedy_levels(score: Callable[[list[float]], float], first: float, nfe: int, low: float, high: float,
                   points: int = 9, refine: int = 6) -> tuple[list[float], list[dict]]:
     """The levels [first, s_1, ..., s_{nfe-1}] picked one at a time (module docstring): s_i minimises
     score([first, ..., s_{i-1}, s]) over low <= s < min(high, s_{i-1}) (a log-spaced sweep of
     `points`, then `refine` golden-section evaluations in log s around the best). Returns the levels and
     every trial {"level": i, "sigma": s, "score": value}."""
-    if not isinstance(nfe, int) or nfe < 2:
-        raise ValueError(f"the level search needs NFE >= 2 (it picks the levels between the first one and 0; at NFE "
-                         f"1 there is only the first), got {nfe!r}")
-    if nfe > MAX_NFE:
-        raise ValueError(f"the level search is for few-step budgets: NFE <= {MAX_NFE}, got {nfe}")
+    _check_nfe(nfe)
     if not (0 < low < high and math.isfinite(high)):
         raise ValueError(f"the candidate levels need 0 < low < high < inf, got low={low}, high={high}")
     if not low < first:
@@ -123,11 +127,7 @@ def check_model(model, sampler: str, nfe: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"the level search needs a sampler with one denoiser call per level ({' or '.join(SAMPLERS)}), "
                          f"not {sampler!r}; pass --sampler euler (or consistency)")
-    if not isinstance(nfe, int) or nfe < 2:
-        raise ValueError(f"the level search needs NFE >= 2 (it picks the levels between the first one and 0; at NFE "
-                         f"1 there is only the first), got {nfe!r}")
-    if nfe > MAX_NFE:
-        raise ValueError(f"the level search is for few-step budgets: NFE <= {MAX_NFE}, got {nfe}")
+    _check_nfe(nfe)
 
 
 def search_levels(model, nfe: int, metric: Callable | None = None, ref=None, sampler: str | None = None,
